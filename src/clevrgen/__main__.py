@@ -1,0 +1,3 @@
+from clevrgen.cli import main
+
+main()

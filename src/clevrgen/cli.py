@@ -1,0 +1,71 @@
+"""The ``clevrgen`` Typer app: registers the commands and turns clevrgen's errors into one line.
+
+Nothing heavy is imported here (torch, diffusers): ``clevrgen --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
+
+from clevrgen import __version__
+from clevrgen.commands import data, denoise_strip, evaluate, evaluator, sample, train
+from clevrgen.errors import ClevrgenError
+
+err_console = Console(stderr=True)
+
+
+class ClevrgenGroup(TyperGroup):
+    """Prints a :class:`ClevrgenError` as ``error: message`` and exits with its code."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except ClevrgenError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            err_console.print(Text("error: ", style="bold red") + Text(str(exc)))
+            raise typer.Exit(exc.exit_code) from None
+
+
+app = typer.Typer(
+    cls=ClevrgenGroup,
+    help="Conditional diffusion for CLEVR scenes: color-shape phrases in, 64x64 scenes out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clevrgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    """clevrgen: turn phrases like "red sphere" "cyan cube" into 64x64 CLEVR scenes."""
+    ctx.obj = {"debug": debug}
+
+
+app.command("train", help=train.HELP, epilog=train.EXAMPLES)(train.train)
+app.command("sample", help=sample.HELP, epilog=sample.EXAMPLES)(sample.sample)
+app.command("evaluate", help=evaluate.HELP, epilog=evaluate.EXAMPLES)(evaluate.evaluate)
+app.command("denoise-strip", help=denoise_strip.HELP, epilog=denoise_strip.EXAMPLES)(
+    denoise_strip.denoise_strip
+)
+app.add_typer(data.app, name="data")
+app.add_typer(evaluator.app, name="evaluator")
+
+
+def main() -> None:
+    app(prog_name="clevrgen")

@@ -1,0 +1,228 @@
+"""The run configuration: pydantic models (the one home of every default), TOML and overrides.
+
+A config is built in one step: the TOML file's table, with each ``--set dotted.key=value``
+merged in, validated once by :meth:`Config.model_validate`. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clevrgen.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    path: Path | None = None
+    """An i-CLEVR layout folder (train.json, objects.json, iclevr/*.png). None: the embedded
+    renderer's dataset, rendered once from the official train.json and cached."""
+    cache_dir: Path | None = None
+    """Where decoded uint8 caches live. None: ``<path>/.clevrgen-cache``, or the user cache
+    folder when that is not writable (and for rendered data)."""
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Fraction of whole scenes (all _k images of a scene number) held out for validation."""
+    split_seed: int = 0
+    render_seed: int = 0
+    """Seed of the embedded dataset's renders."""
+
+
+class ModelConfig(Section):
+    block_out_channels: list[int] = [128, 128, 256, 256]
+    layers_per_block: int = Field(2, ge=1)
+    attention: list[bool] = [False, False, False, True]
+    """Self-attention per resolution level, highest resolution first."""
+    attention_head_dim: int = Field(8, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    image_size: int = Field(64, ge=8)
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _channels(cls, value: list[int]) -> list[int]:
+        if not value or any(c <= 0 for c in value):
+            raise ValueError("must be a non-empty list of positive channel counts")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if len(self.attention) != len(self.block_out_channels):
+            raise ValueError(
+                f"model.attention has {len(self.attention)} entries but block_out_channels has "
+                f"{len(self.block_out_channels)}: give one flag per level"
+            )
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"block_out_channels {bad} are not multiples of norm_num_groups")
+        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError("image_size must be divisible by 2^(levels - 1)")
+        return self
+
+
+class DiffusionConfig(Section):
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+
+Sampler = Literal["ddpm", "ddim", "dpm++"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class TrainConfig(Section):
+    steps: int = Field(170_000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(500, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    ema_warmup: bool = True
+    label_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability that a training label is replaced by the empty (unconditional) label."""
+    hflip: bool = True
+    seed: int = 0
+    device: Device = "auto"
+    precision: Precision = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on the CPU."""
+    compile: bool = False
+    channels_last: bool = False
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(5000, ge=1)
+    """Held-out loss (and, with a judge, sample accuracy) every this many steps."""
+    eval_images: int = Field(64, ge=0)
+    """Images sampled for the periodic held-out accuracy; 0 turns it off."""
+    sample_every: int = Field(5000, ge=1)
+    checkpoint_every: int = Field(2000, ge=1)
+
+
+class SampleConfig(Section):
+    sampler: Sampler = "dpm++"
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(1.0, ge=0.0)
+    """Classifier-free guidance scale; 1 is plain conditional sampling, 0 unconditional."""
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    num: int = Field(8, ge=1)
+    """Images per scene for ``clevrgen sample``."""
+    device: Device = "auto"
+
+
+class EvaluateConfig(Section):
+    split: str = "new_test"
+    evaluator: Path | None = None
+    """A course-format classifier (.pth with key ``model``) or a clevrgen judge; None: shipped."""
+
+
+class JudgeConfig(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    seed: int = 0
+    device: Device = "auto"
+    render_extra: int = Field(0, ge=0)
+    """Extra rendered scenes (4-5 objects) mixed into the judge's training set."""
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    judge: JudgeConfig = JudgeConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=2e-4`` -> (["train", "lr"], 2e-4); the value is a TOML literal (bare words
+    are taken as strings)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"{text}: expected section.key=value"], source="override")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"{'.'.join(path)}: {part} is not a section"], source="override")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
+
+
+def validate_config(raw: dict[str, Any], source: str | None = None) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc), source=source) from None
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config of ``path`` (or the defaults) with ``overrides`` merged in, validated once."""
+    raw = read_toml(path) if path is not None else {}
+    return validate_config(merge_overrides(raw, list(overrides or [])), source=str(path or ""))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML (None values are left out: they are the defaults)."""
+    out = []
+    for section, values in config.model_dump(mode="json").items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Datasets: the i-CLEVR reader and cache, and the embedded procedural renderer."""

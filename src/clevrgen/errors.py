@@ -1,0 +1,36 @@
+"""clevrgen's own errors: each one is a single message the CLI prints before exiting."""
+
+from __future__ import annotations
+
+
+class ClevrgenError(Exception):
+    """An error the user can cause and fix. The CLI prints it as one line and exits 1."""
+
+    exit_code = 1
+
+
+class UsageError(ClevrgenError):
+    """A bad argument, phrase or config value. Exit code 2, like a command-line usage error."""
+
+    exit_code = 2
+
+
+class PhraseError(UsageError):
+    """A phrase that is not one of the 24 classes, or a bad phrase list."""
+
+
+class ConfigError(UsageError):
+    """An invalid config: ``problems`` holds one ``dotted.path: message`` line each."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"invalid config{f' {source}' if source else ''}:"
+        super().__init__("\n".join([head, *(f"  {p}" for p in problems)]))
+
+
+class DataError(ClevrgenError):
+    """A missing, empty, corrupt or mislabelled dataset file."""
+
+
+class CheckpointError(ClevrgenError):
+    """A checkpoint that is missing, truncated or of the wrong kind."""

@@ -1,0 +1,112 @@
+"""The 24-class vocabulary: phrase parsing and float multi-hot label tensors [B, 24]."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clevrgen.errors import DataError, PhraseError
+
+if TYPE_CHECKING:
+    import torch
+
+COLORS = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
+SHAPES = ("cube", "sphere", "cylinder")
+NUM_CLASSES = len(COLORS) * len(SHAPES)
+# The official order (objects.json): shape-major, colors in the order above.
+PHRASES = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
+CLASS_INDEX = {phrase: i for i, phrase in enumerate(PHRASES)}
+SPLITS = ("test", "new_test")
+
+
+def asset_path(name: str) -> Path:
+    """Path of a file shipped in ``clevrgen/assets``."""
+    return Path(str(resources.files("clevrgen") / "assets" / name))
+
+
+def normalize_phrase(text: str) -> str:
+    """'  Red_ SPHERE ' -> 'red sphere'."""
+    return " ".join(re.split(r"[\s_]+", str(text).strip().lower()))
+
+
+def parse_phrase(text: str) -> int:
+    """The class index of one phrase; an unknown phrase names the closest valid one."""
+    phrase = normalize_phrase(text)
+    if phrase in CLASS_INDEX:
+        return CLASS_INDEX[phrase]
+    close = difflib.get_close_matches(phrase, PHRASES, n=1, cutoff=0.0)
+    hint = f' Did you mean "{close[0]}"?' if close and phrase else ""
+    raise PhraseError(
+        f'unknown phrase "{text}".{hint} A phrase is "<color> <shape>" with color one of '
+        f"{', '.join(COLORS)} and shape one of {', '.join(SHAPES)}."
+    )
+
+
+def parse_phrases(texts: Sequence[str]) -> list[int]:
+    """Class indices of one scene's phrases: non-empty, each valid, no duplicates."""
+    if len(texts) == 0:
+        raise PhraseError("no phrases given: name at least one object, e.g. \"red sphere\".")
+    indices = [parse_phrase(t) for t in texts]
+    seen: set[int] = set()
+    for text, index in zip(texts, indices):
+        if index in seen:
+            raise PhraseError(f'duplicate phrase "{text}": each object may be named once.')
+        seen.add(index)
+    return indices
+
+
+def multi_hot(scenes: Iterable[Sequence[str]]) -> "torch.Tensor":
+    """Phrase lists -> float multi-hot tensor [B, 24]."""
+    import torch
+
+    rows = [parse_phrases(scene) for scene in scenes]
+    labels = torch.zeros(len(rows), NUM_CLASSES)
+    for i, indices in enumerate(rows):
+        labels[i, indices] = 1.0
+    return labels
+
+
+def phrases_of(labels: "torch.Tensor") -> list[list[str]]:
+    """Multi-hot tensor [B, 24] -> phrase lists (in class order)."""
+    return [[PHRASES[int(i)] for i in row.nonzero().flatten()] for row in labels]
+
+
+@lru_cache(maxsize=None)
+def shipped_split(name: str) -> tuple[tuple[str, ...], ...]:
+    """The official ``test`` / ``new_test`` phrase lists shipped with clevrgen."""
+    return tuple(tuple(scene) for scene in json.loads(asset_path(f"{name}.json").read_text()))
+
+
+def load_label_sets(split: str) -> list[list[str]]:
+    """``test``, ``new_test`` or a path to a JSON list of phrase lists; validated."""
+    if split in SPLITS:
+        scenes = [list(s) for s in shipped_split(split)]
+    else:
+        path = Path(split)
+        if not path.is_file():
+            raise DataError(
+                f"no such split or file: {split} (use {' or '.join(SPLITS)}, or a JSON file "
+                "holding a list of phrase lists)"
+            )
+        try:
+            scenes = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(scenes, list) or not all(
+            isinstance(s, list) and all(isinstance(p, str) for p in s) for s in scenes
+        ):
+            raise DataError(f"{path}: expected a JSON list of phrase lists")
+        if not scenes:
+            raise DataError(f"{path}: the list of label sets is empty")
+    for i, scene in enumerate(scenes):
+        try:
+            parse_phrases(scene)
+        except PhraseError as exc:
+            raise PhraseError(f"{split}, label set {i}: {exc}") from None
+    return scenes

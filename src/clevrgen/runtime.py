@@ -1,0 +1,101 @@
+"""Device, precision, seeds and atomic file writes: the same code path on the CPU and CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from clevrgen.errors import ClevrgenError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(name: str = "auto") -> "torch.device":
+    """``auto`` is CUDA when there is one, else the CPU; asking for missing CUDA is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} was asked for, but no CUDA GPU is available: use cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: "torch.device") -> "torch.dtype | None":
+    """The autocast dtype for a precision setting, or None for plain fp32."""
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: "torch.device", dtype: "torch.dtype | None") -> contextlib.AbstractContextManager:
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
+
+    A crash or kill at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ClevrgenError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path | str, writer: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` atomically through ``writer(file)``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer(f)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def user_cache_dir() -> Path:
+    """``$CLEVRGEN_CACHE``, else ``$XDG_CACHE_HOME/clevrgen``, else ``~/.cache/clevrgen``."""
+    if env := os.environ.get("CLEVRGEN_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clevrgen"
