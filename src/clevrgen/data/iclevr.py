@@ -178,20 +178,13 @@ def fingerprint_of(root: Path) -> str:
 
 
 def cache_path(root: Path, cache_dir: Path | None = None) -> Path:
-    """Beside the data when writable, else in the user cache keyed by the folder's path."""
-    name = f"iclevr-{fingerprint_of(root)}.safetensors"
-    if cache_dir is not None:
-        return cache_dir / name
-    local = root / ".clevrgen-cache"
-    try:
-        local.mkdir(exist_ok=True)
-        probe = local / ".write-test"
-        probe.touch()
-        probe.unlink()
-        return local / name
-    except OSError:
-        key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-        return user_cache_dir() / f"{root.resolve().name}-{key}" / name
+    """``cache_dir`` (default: the user cache folder) / a name keyed by the folder and its files.
+
+    The cache never goes inside the dataset folder, which may be shared or read-only.
+    """
+    resolved = root.resolve()
+    key = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    return (cache_dir or user_cache_dir()) / f"{resolved.name}-{key}-{fingerprint_of(root)}.safetensors"
 
 
 def load_iclevr(root: Path | str, cache_dir: Path | None = None, progress: bool = True) -> ImageSet:
