@@ -135,6 +135,13 @@ class JudgeConfig(Section):
     device: Device = "auto"
     render_extra: int = Field(0, ge=0)
     """Extra rendered scenes (4-5 objects) mixed into the judge's training set."""
+    hflip: bool = True
+    translate: int = Field(3, ge=0, le=8)
+    """Random shifts of up to this many pixels (edges repeated; objects stay in view)."""
+    jitter: float = Field(0.1, ge=0.0, le=0.3)
+    """Brightness and contrast jitter, the same on all channels (no hue shift)."""
+    precision: Precision = "auto"
+    channels_last: bool = False
 
 
 class Config(Section):

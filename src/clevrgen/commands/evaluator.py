@@ -1,2 +1,128 @@
+"""``clevrgen evaluator``: train the ResNet-18 judge, score a folder with it, export it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
-app = typer.Typer(help="The judge.", no_args_is_help=True)
+
+from clevrgen.commands._options import ConfigOption, PrintConfigOption, SetOption
+
+app = typer.Typer(help="The ResNet-18 judge that scores generated scenes: train, score, export.",
+                  no_args_is_help=True)
+
+EvaluatorOption = Annotated[
+    Optional[Path],
+    typer.Option("--evaluator", "-e", help="A course .pth (key 'model') or a clevrgen judge .safetensors; default: the shipped judge."),
+]
+
+TRAIN_EXAMPLES = """Examples:
+
+  clevrgen evaluator train --data ../shared/iclevr --config configs/judge.toml --out runs/judge/judge.safetensors
+
+  clevrgen evaluator train --data ../shared/iclevr --set judge.epochs=5 --set judge.device=cuda
+"""
+
+
+@app.command("train", epilog=TRAIN_EXAMPLES)
+def train(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    print_config: PrintConfigOption = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the judge (.safetensors); config.toml and metrics.jsonl go beside it.")] = Path("runs/judge/judge.safetensors"),
+    data: Annotated[Optional[Path], typer.Option("--data", help="An i-CLEVR layout folder; default: config data.path.")] = None,
+) -> None:
+    """Train a judge on a dataset, holding out whole scenes (data.val_fraction); saves the best epoch."""
+    from clevrgen.commands._options import resolve_config
+    from clevrgen.errors import UsageError
+
+    cfg = resolve_config(config, overrides, print_config)
+    root = data or cfg.data.path
+    if root is None:
+        raise UsageError("no training data: pass --data DIR (an i-CLEVR layout folder) or set data.path")
+    if cfg.judge.render_extra:
+        raise UsageError("judge.render_extra is not supported yet: train on an i-CLEVR folder with --data")
+
+    import torch
+
+    from clevrgen.config import to_toml
+    from clevrgen.data.iclevr import load_iclevr, split_scenes
+    from clevrgen.judge import save_judge, train_judge
+    from clevrgen.runtime import append_jsonl, atomic_write_text, seed_everything
+
+    seed_everything(cfg.judge.seed)
+    dataset = load_iclevr(root, cache_dir=cfg.data.cache_dir)
+    train_set, val_set = split_scenes(dataset, cfg.data.val_fraction, cfg.data.split_seed)
+    typer.echo(f"{len(train_set):,} training images, {len(val_set):,} held out ({torch.get_num_threads()} threads)", err=True)
+    atomic_write_text(out.with_name("config.toml"), to_toml(cfg))
+    metrics = out.with_name("metrics.jsonl")
+    metrics.unlink(missing_ok=True)
+    args = sys.argv[1:]
+    args = args[args.index("train") + 1:] if "train" in args else args
+    command = shlex.join([*ctx.command_path.split(), *args])
+
+    def on_epoch(model: torch.nn.Module, record: dict, is_best: bool) -> None:
+        append_jsonl(metrics, record)
+        if is_best:
+            save_judge(model, out, {"command": command, "config": cfg.judge.model_dump(mode="json"),
+                                    "data": str(root), "heldout": record, "heldout_images": len(val_set)})
+
+    _, history = train_judge(train_set, val_set, cfg.judge, on_epoch=on_epoch)
+    typer.echo(f"wrote {out} ({len(history)} epochs)")
+
+
+SCORE_EXAMPLES = """Examples:
+
+  clevrgen evaluator score ../shared/iclevr
+
+  clevrgen evaluator score samples/ --evaluator checkpoint.pth --json
+"""
+
+
+@app.command("score", epilog=SCORE_EXAMPLES)
+def score(
+    root: Annotated[Path, typer.Argument(help="A folder in the i-CLEVR layout (train.json, objects.json, iclevr/).")],
+    evaluator: EvaluatorOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Score a folder's images against their labels: top-k (the course metric), exact set, worst classes."""
+    from clevrgen.data.iclevr import load_iclevr
+    from clevrgen.judge import judge_probs, load_judge, score_predictions
+    from clevrgen.runtime import resolve_device
+
+    judge = load_judge(evaluator, resolve_device("auto"))
+    data = load_iclevr(root, progress=not as_json)
+    result = score_predictions(judge_probs(judge, data.images), data.labels)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from rich.console import Console
+
+    from clevrgen.judge import score_table
+
+    Console().print(score_table(result, title=f"{root} ({evaluator or 'shipped judge'})"))
+
+
+EXPORT_EXAMPLES = """Examples:
+
+  clevrgen evaluator export --out checkpoint.pth
+
+  clevrgen evaluator export --out checkpoint.pth --evaluator runs/judge/judge.safetensors
+"""
+
+
+@app.command("export", epilog=EXPORT_EXAMPLES)
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the course-format .pth.")],
+    evaluator: EvaluatorOption = None,
+) -> None:
+    """Write a judge in the course format: torch.save({"model": state_dict}), fp32."""
+    from clevrgen.judge import export_course, load_judge
+
+    export_course(load_judge(evaluator), out)
+    typer.echo(f"wrote {out}")
