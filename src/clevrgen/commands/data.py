@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -33,3 +33,60 @@ def info(
     Console().print(dataset_table(data, title=str(root)))
     labelled_grid(data, grid, count=count)
     typer.echo(f"wrote {grid}")
+
+
+RENDER_EXAMPLES = """Examples:
+
+  clevrgen data render --out rendered-iclevr
+
+  clevrgen data render --out extra --random 5000 --objects 4-5 --seed 1 --format cache
+
+  clevrgen data render --out mine --spec my_train.json --device cuda
+"""
+
+
+@app.command("render", epilog=RENDER_EXAMPLES)
+def render(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write in the i-CLEVR layout (resumes if it exists).")],
+    spec: Annotated[Optional[Path], typer.Option("--spec", help="A train.json (image name -> phrases). [default: the official train.json]")] = None,
+    random: Annotated[Optional[int], typer.Option("--random", min=1, help="Render N random scenes instead of a spec.")] = None,
+    objects: Annotated[str, typer.Option("--objects", help="Objects per random scene, MIN-MAX (1-5).")] = "1-3",
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    fmt: Annotated[str, typer.Option("--format", help="png, cache (the reader's uint8 cache only) or both.")] = "png",
+) -> None:
+    """Render CLEVR scenes in the i-CLEVR layout: train.json, objects.json, scenes.json, iclevr/*.png."""
+    from clevrgen.data.iclevr import read_json
+    from clevrgen.data.render import random_spec, render_folder
+    from clevrgen.errors import DataError, UsageError
+    from clevrgen.labels import asset_path
+    from clevrgen.runtime import resolve_device
+
+    if fmt not in ("png", "cache", "both"):
+        raise UsageError(f"--format must be png, cache or both (got {fmt!r})")
+    if spec is not None and random is not None:
+        raise UsageError("give --spec or --random, not both")
+    if random is not None:
+        table = random_spec(random, _object_range(objects), seed)
+    else:
+        table = read_json(spec or asset_path("train.json"))
+        if not isinstance(table, dict) or not all(
+            isinstance(v, list) and all(isinstance(p, str) for p in v) for v in table.values()
+        ) or not table:
+            raise DataError(f"{spec}: expected a non-empty JSON object mapping image names to phrase lists")
+    counts = render_folder(out, table, seed=seed, device=resolve_device(device), fmt=fmt)
+    typer.echo(f"wrote {out}: {counts['rendered']:,} images rendered, {counts['kept']:,} already there")
+
+
+def _object_range(text: str) -> tuple[int, int]:
+    from clevrgen.errors import UsageError
+    from clevrgen.data.render import MAX_OBJECTS
+
+    try:
+        low, _, high = text.partition("-")
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        lo, hi = 0, -1
+    if not 1 <= lo <= hi <= MAX_OBJECTS:
+        raise UsageError(f"--objects must be MIN-MAX with 1 <= MIN <= MAX <= {MAX_OBJECTS}, e.g. 1-3 (got {text!r})")
+    return lo, hi

@@ -1,0 +1,734 @@
+"""A batched procedural CLEVR renderer in PyTorch: the same code on the CPU and CUDA.
+
+Scenes follow CLEVR's generator as i-CLEVR used it (see ``shared/clevr_reference/README.md``):
+a fixed camera on a 4:3 frame squashed to 64x64, three jittered lamps and a sun, a matte floor
+that curves up into a backdrop, matte objects of one size with the first at the origin.
+
+Speed comes from doing per-pixel work only where it matters. The empty floor is shaded once
+per scene at 64x64 (it is smooth); rays are cast only inside each object's screen box grown to
+hold its shadows, flattened across the batch into one ragged list. Intersections are analytic
+(sphere, upright cylinder, yawed box); shadows on the floor are analytic and soft (a penumbra
+that widens with the distance to the occluder). The boxes are rendered at ``supersample``x
+the output resolution and averaged down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from clevrgen.data.iclevr import IMAGE_SIZE, ImageSet, labels_tensor, scene_ids, scene_key
+from clevrgen.errors import PhraseError
+from clevrgen.labels import COLORS, SHAPES, parse_phrase
+
+CUBE, SPHERE, CYLINDER = (SHAPES.index(s) for s in ("cube", "sphere", "cylinder"))
+COLOR_SRGB = {
+    "gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
+    "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51),
+}
+# CLEVR's generator hands these 0-255 numbers to Blender as linear albedo (c / 255).
+ALBEDO = torch.tensor([COLOR_SRGB[c] for c in COLORS], dtype=torch.float32) / 255.0
+CAMERA = (7.48, -6.51, 5.34)
+TAN_HALF_FOV = 16.0 / 35.0  # 35 mm lens, 32 mm wide sensor
+ASPECT = 0.75  # the real images were 320x240 before being squashed to 64x64
+LAMPS = ((6.45, -2.91, 4.26), (-4.67, -4.01, 3.01), (-1.17, 2.65, 5.82))  # key, fill, back
+LAMP_TINT = ((1.0, 0.93, 0.82), (0.76, 0.82, 1.0), (1.0, 1.0, 1.0))
+SUN = (0.415, -0.193, 0.889)
+MAX_OBJECTS = 5
+SHADOW_REACH = 1.5  # shadows are drawn out to this many object heights
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How scenes are drawn. The defaults are what i-CLEVR used, measured on its images."""
+
+    sizes: tuple[float, ...] = (0.6,)
+    """Object sizes (sphere radius) to choose from; CLEVR's generator used (0.7, 0.35)."""
+    metal_probability: float = 0.0
+    cube_scale: float = 1.0
+    """Cube half-edge / size: 1 in i-CLEVR, 1/sqrt(2) in the generator."""
+    cylinder_height: float = 0.85
+    """Cylinder half-height / radius: i-CLEVR's cylinders are squat."""
+    first_at_origin: bool = True
+    ring: float = 2.5
+    """Later objects keep at least this distance from the first."""
+    extent: float = 3.0
+    gap: float = 0.25
+    camera_jitter: float = 0.0
+    light_jitter: float = 1.0
+    min_pixels: float = 11.0
+    """Visible pixels each object must cover at 64x64 (re-drawn otherwise)."""
+    lamp_power: tuple[float, float, float] = (9.0, 2.2, 3.0)
+    sun_power: float = 0.47
+    bounce: float = 0.25
+    """Light bounced from the floor onto objects, as a fraction of the floor's own light."""
+    gloss: float = 0.06
+    penumbra: tuple[float, float] = (0.06, 0.07)
+    """Shadow softness: a constant blur plus a widening per unit distance to the occluder."""
+    floor_albedo: float = 0.8
+    floor_ambient: float = 0.0
+    """Light on the floor from everywhere (bounces), in units of floor radiance."""
+    backdrop: tuple[float, float] = (4.0, 4.0)
+    """Where the floor starts curving up (distance behind the origin, away from the camera)
+    and the radius of that curve."""
+    exposure: float = 1.0
+
+
+@dataclass
+class Scenes:
+    """A batch of scenes: B scenes, K object slots (``present`` marks the real ones)."""
+
+    shape: torch.Tensor  # [B, K] long
+    color: torch.Tensor  # [B, K] long
+    xy: torch.Tensor  # [B, K, 2]
+    size: torch.Tensor  # [B, K] sphere radius / cylinder radius / cube half-edge / cube_scale
+    yaw: torch.Tensor  # [B, K]
+    metal: torch.Tensor  # [B, K] bool
+    present: torch.Tensor  # [B, K] bool
+    camera: torch.Tensor  # [B, 3]
+    lamps: torch.Tensor  # [B, 3, 3]
+    style: SceneStyle = field(default_factory=SceneStyle)
+
+    def __len__(self) -> int:
+        return self.shape.shape[0]
+
+    def to(self, device: torch.device | str) -> "Scenes":
+        return replace(self, **{k: getattr(self, k).to(device) for k in _TENSOR_FIELDS})
+
+    def index(self, rows: torch.Tensor) -> "Scenes":
+        return replace(self, **{k: getattr(self, k)[rows] for k in _TENSOR_FIELDS})
+
+
+_TENSOR_FIELDS = ("shape", "color", "xy", "size", "yaw", "metal", "present", "camera", "lamps")
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _camera_frame(camera: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, right and up unit vectors [B, 3] of cameras aimed at the origin."""
+    forward = F.normalize(-camera, dim=-1)
+    z = torch.zeros_like(forward)
+    z[:, 2] = 1.0
+    right = F.normalize(torch.linalg.cross(forward, z), dim=-1)
+    up = torch.linalg.cross(right, forward)
+    return forward, right, up
+
+
+def _ray_dirs(camera: torch.Tensor, b: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+              height: int, width: int) -> torch.Tensor:
+    """Unit directions [P, 3] through pixel centres (y, x) of an height x width grid on the 4:3 frame."""
+    forward, right, up = (v[b] for v in _camera_frame(camera))
+    u = ((x.float() + 0.5) / width * 2 - 1) * TAN_HALF_FOV
+    v = (1 - (y.float() + 0.5) / height * 2) * TAN_HALF_FOV * ASPECT
+    return F.normalize(forward + u[:, None] * right + v[:, None] * up, dim=-1)
+
+
+def _object_height(scenes: Scenes) -> torch.Tensor:
+    st = scenes.style
+    scale = torch.where(scenes.shape == CUBE, torch.full_like(scenes.size, st.cube_scale),
+                        torch.where(scenes.shape == CYLINDER, torch.full_like(scenes.size, st.cylinder_height),
+                                    torch.ones_like(scenes.size)))
+    return 2 * scenes.size * scale
+
+
+def _half_width(scenes: Scenes) -> torch.Tensor:
+    """Half-extent in the floor plane: radius, or cube half-edge."""
+    return scenes.size * torch.where(scenes.shape == CUBE, scenes.style.cube_scale, 1.0)
+
+
+def _bound_radius(scenes: Scenes) -> torch.Tensor:
+    return _half_width(scenes) * torch.where(scenes.shape == CUBE, math.sqrt(2.0), 1.0)
+
+
+def _hit_object(o, d, shape, cx, cy, half, height, yaw):
+    """Nearest hit t [P] (inf for a miss) and unit normal [P, 3] of each ray with one object each."""
+    ox, oy, oz = o[:, 0] - cx, o[:, 1] - cy, o[:, 2]
+    dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
+    # sphere (centre at height `half`)
+    sz = oz - half
+    bq = ox * dx + oy * dy + sz * dz
+    disc = bq * bq - (ox * ox + oy * oy + sz * sz - half * half)
+    t_sph = -bq - disc.clamp_min(0).sqrt()
+    t_sph = torch.where((disc > 0) & (t_sph > 1e-4), t_sph, _INF)
+    # upright cylinder: side and top cap
+    a = (dx * dx + dy * dy).clamp_min(1e-12)
+    bq = ox * dx + oy * dy
+    disc = bq * bq - a * (ox * ox + oy * oy - half * half)
+    t_side = (-bq - disc.clamp_min(0).sqrt()) / a
+    z_side = oz + t_side * dz
+    t_side = torch.where((disc > 0) & (t_side > 1e-4) & (z_side >= 0) & (z_side <= height), t_side, _INF)
+    t_cap = (height - oz) / torch.where(dz.abs() > 1e-9, dz, torch.full_like(dz, -1e-9))
+    px, py = ox + t_cap * dx, oy + t_cap * dy
+    t_cap = torch.where((t_cap > 1e-4) & (px * px + py * py <= half * half), t_cap, _INF)
+    t_cyl = torch.minimum(t_side, t_cap)
+    # yawed box, slab test in the box's own frame
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    q = torch.stack([c * ox + s * oy, -s * ox + c * oy, oz - half], -1)
+    e = torch.stack([c * dx + s * dy, -s * dx + c * dy, dz], -1)
+    e = torch.where(e.abs() > 1e-9, e, torch.full_like(e, 1e-9))
+    t1, t2 = (-half[:, None] - q) / e, (half[:, None] - q) / e
+    t_near, axis = torch.minimum(t1, t2).max(-1)
+    t_far = torch.maximum(t1, t2).min(-1).values
+    t_box = torch.where((t_near < t_far) & (t_near > 1e-4), t_near, _INF)
+
+    t = torch.where(shape == SPHERE, t_sph, torch.where(shape == CYLINDER, t_cyl, t_box))
+    p = torch.stack([ox + t.nan_to_num(0, 0, 0) * dx, oy + t.nan_to_num(0, 0, 0) * dy,
+                     oz + t.nan_to_num(0, 0, 0) * dz], -1)
+    n_sph = torch.stack([p[:, 0], p[:, 1], p[:, 2] - half], -1) / half[:, None]
+    on_cap = t_cap <= t_side
+    n_cyl = torch.where(on_cap[:, None], torch.tensor([0.0, 0.0, 1.0], device=o.device),
+                        torch.stack([p[:, 0], p[:, 1], torch.zeros_like(t)], -1) / half[:, None])
+    local = -torch.sign(e) * F.one_hot(axis, 3).to(e.dtype)
+    n_box = torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]], -1)
+    n = torch.where((shape == SPHERE)[:, None], n_sph, torch.where((shape == CYLINDER)[:, None], n_cyl, n_box))
+    return t, n
+
+
+def _occlusion(p, to_light, dist, shape, cx, cy, half, height, yaw, penumbra):
+    """Soft occlusion in [0, 1] of floor points p [P, 3] toward a light (unit ``to_light``)."""
+    rx, ry = cx - p[:, 0], cy - p[:, 1]
+    lx, ly, lz = to_light[:, 0], to_light[:, 1], to_light[:, 2]
+    # sphere: closest approach of the shadow ray to the centre
+    rz = half - p[:, 2]
+    along = rx * lx + ry * ly + rz * lz
+    miss = (rx * rx + ry * ry + rz * rz - along * along).clamp_min(0).sqrt() - half
+    pen = penumbra[0] + penumbra[1] * along.clamp_min(0)
+    occ_sph = ((0.5 - miss / pen).clamp(0, 1)) * (along > 0) * (along < dist)
+    # cube and cylinder as vertical prisms: the ray's horizontal pass and its height inside
+    flat = (lx * lx + ly * ly).clamp_min(1e-12).sqrt()
+    ux, uy = lx / flat, ly / flat
+    along_h = rx * ux + ry * uy
+    perp = (ry * ux - rx * uy).abs()
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    width = torch.where(shape == CUBE, half * ((-uy * c + ux * s).abs() + (uy * s + ux * c).abs()), half)
+    enter = along_h - (width * width - perp * perp).clamp_min(0).sqrt()
+    miss_xy = perp - width
+    miss_z = enter * (lz / flat) - height
+    pen = penumbra[0] + penumbra[1] * along_h.clamp_min(0) / flat
+    occ_prism = (0.5 - miss_xy / pen).clamp(0, 1) * (0.5 - miss_z / pen).clamp(0, 1) * (along_h > 0)
+    return torch.where(shape == SPHERE, occ_sph, occ_prism)
+
+
+# ---------------------------------------------------------------- shading
+
+
+def _lights(scenes: Scenes, b: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+    """(position [P, 3] or None for the sun, direction-or-None, rgb power [3]) for each light."""
+    st = scenes.style
+    device = scenes.lamps.device
+    out = []
+    for i in range(3):
+        power = torch.tensor(LAMP_TINT[i], device=device) * st.lamp_power[i]
+        out.append((scenes.lamps[b, i], None, power))
+    sun = F.normalize(torch.tensor(SUN, device=device), dim=0)
+    out.append((None, sun, torch.full((3,), st.sun_power, device=device)))
+    return out
+
+
+def _irradiance(p, n, lights):
+    """Per-light (unit direction [P, 3], distance [P], rgb irradiance [P, 3]) at points p with normals n."""
+    out = []
+    for pos, sun, power in lights:
+        if pos is None:
+            l = sun.expand_as(p)
+            dist = torch.full_like(p[:, 0], _INF)
+            e = (n @ sun).clamp_min(0)[:, None] * power
+        else:
+            l = pos - p
+            d2 = (l * l).sum(-1)
+            dist = d2.sqrt()
+            l = l / dist[:, None]
+            e = ((n * l).sum(-1).clamp_min(0) / d2)[:, None] * power
+        out.append((l, dist, e))
+    return out
+
+
+def _backdrop(o: torch.Tensor, d: torch.Tensor, backdrop: tuple[float, float]):
+    """Hit points and normals of the floor, which curves up into a wall far behind the origin."""
+    start, radius = backdrop
+    g = F.normalize(-o[:, :2], dim=-1)  # away from the camera, in the floor plane
+    w_o, w_d = (o[:, :2] * g).sum(-1), (d[:, :2] * g).sum(-1)
+    t_floor = -o[:, 2] / d[:, 2].clamp_max(-1e-6)
+    t_floor = torch.where(d[:, 2] < 0, t_floor, _INF)
+    # the curve: a circle in the (w, z) plane centred at (start, radius)
+    a = w_d * w_d + d[:, 2] * d[:, 2]
+    bq = (w_o - start) * w_d + (o[:, 2] - radius) * d[:, 2]
+    cq = (w_o - start) ** 2 + (o[:, 2] - radius) ** 2 - radius * radius
+    disc = bq * bq - a * cq
+    t_curve = (-bq + disc.clamp_min(0).sqrt()) / a
+    t_wall = (start + radius - w_o) / w_d.clamp_min(1e-6)
+    on_floor = (w_o + t_floor * w_d) <= start
+    z_curve = torch.where(disc > 0, o[:, 2] + t_curve * d[:, 2], _INF)
+    t = torch.where(on_floor, t_floor, torch.where(z_curve <= radius, t_curve, t_wall))
+    p = o + t[:, None] * d
+    w = (p[:, :2] * g).sum(-1)
+    nw = torch.where(on_floor, 0.0, torch.where(z_curve <= radius, -(w - start) / radius, -1.0))
+    nz = torch.where(on_floor, 1.0, torch.where(z_curve <= radius, (radius - p[:, 2]) / radius, 0.0))
+    n = torch.cat([nw[:, None] * g, nz[:, None]], -1)
+    return p, n
+
+
+def _shade(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, objects: bool | str = True):
+    """Linear rgb [P, 3] of rays from the camera of scene b along d; and the object id hit (-1: floor).
+
+    ``objects``: True for everything, "shadows" for the floor with shadows, False for the bare floor.
+    """
+    with_objects = objects is not False
+    st = scenes.style
+    o = scenes.camera[b]
+    lights = _lights(scenes, b)
+    p_f, n_f = _backdrop(o, d, st.backdrop)
+    floor = torch.zeros_like(p_f)
+    irr = _irradiance(p_f, n_f, lights)
+    if with_objects:
+        K = scenes.shape.shape[1]
+        present = scenes.present[b]
+        prim = dict(shape=scenes.shape[b], cx=scenes.xy[b, :, 0], cy=scenes.xy[b, :, 1], half=_half_width(scenes)[b],
+                    height=_object_height(scenes)[b], yaw=scenes.yaw[b])
+        t_best = torch.full_like(d[:, 0], _INF)
+        n_best = torch.zeros_like(d)
+        k_best = torch.full_like(b, -1)
+        for k in range(K if objects is True else 0):
+            t, n = _hit_object(o, d, **{key: v[:, k] for key, v in prim.items()})
+            closer = present[:, k] & (t < t_best)
+            t_best = torch.where(closer, t, t_best)
+            n_best = torch.where(closer[:, None], n, n_best)
+            k_best = torch.where(closer, k, k_best)
+    for l, dist, e in irr:
+        if with_objects:
+            lit = torch.ones_like(dist)
+            for k in range(K):
+                occ = _occlusion(p_f, l, dist, penumbra=st.penumbra, **{key: v[:, k] for key, v in prim.items()})
+                lit = lit * (1 - occ * present[:, k])
+            e = e * lit[:, None]
+        floor = floor + e
+    floor = floor * st.floor_albedo + st.floor_ambient
+    if objects is not True:
+        return floor, None
+    hit = k_best >= 0
+    if not bool(hit.any()):
+        return floor, k_best
+    idx = hit.nonzero().flatten()
+    kb = k_best[idx]
+    p = o[idx] + t_best[idx, None] * d[idx]
+    n = n_best[idx]
+    view = -d[idx]
+    albedo = ALBEDO.to(d.device)[scenes.color[b[idx], kb]]
+    metal = scenes.metal[b[idx], kb][:, None]
+    diffuse = torch.zeros_like(p)
+    spec = torch.zeros_like(p)
+    for l, dist, e in _irradiance(p, n, [(pos[idx] if pos is not None else None, s, pw) for pos, s, pw in lights]):
+        h = F.normalize(l + view, dim=-1)
+        diffuse = diffuse + e
+        spec = spec + e * (n * h).sum(-1).clamp_min(0).pow(30)[:, None]
+    # light bounced off the floor reaches the sides and undersides
+    below = p * torch.tensor([1.0, 1.0, 0.0], device=p.device)
+    up = torch.zeros_like(n)
+    up[:, 2] = 1.0
+    floor_light = sum(e for _, _, e in _irradiance(below, up, [(pos[idx] if pos is not None else None, s, pw)
+                                                              for pos, s, pw in lights]))
+    ambient = st.bounce * (1 - n[:, 2:3]) * 0.5 * (floor_light * st.floor_albedo + st.floor_ambient)
+    rubber = albedo * (diffuse + ambient) + st.gloss * spec
+    # metal: a tinted mirror of a mid-gray world, with sharp tinted highlights
+    env = torch.where(n[:, 2:3] > 0, 0.12, 0.06) * (1 + (n * view).sum(-1, keepdim=True))
+    shiny = albedo * (env + 0.15 * ambient + 6.0 * spec.pow(1.0)) + 0.03 * diffuse
+    color = torch.where(metal, shiny, rubber)
+    floor[idx] = color
+    return floor, k_best
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _screen_boxes(scenes: Scenes, shadows: bool) -> torch.Tensor:
+    """[B, K, 4] (x0, y0, x1, y1) in [0, 1] frame units: each object's box, grown to hold its shadows."""
+    B, K = scenes.shape.shape
+    R = _bound_radius(scenes)
+    H = _object_height(scenes)
+    sx = torch.tensor([-1.0, 1.0, 1.0, -1.0], device=R.device)
+    sy = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=R.device)
+    cx = scenes.xy[..., 0:1] + R[..., None] * sx
+    cy = scenes.xy[..., 1:2] + R[..., None] * sy
+    base = torch.stack([cx, cy, torch.zeros_like(cx)], -1)  # [B, K, 4, 3]
+    top = base.clone()
+    top[..., 2] = H[..., None]
+    points = [base, top]
+    if shadows:
+        sun = F.normalize(torch.tensor(SUN, device=R.device), dim=0)
+        for i in range(4):
+            if i < 3:
+                lamp = scenes.lamps[:, i][:, None, None, :]
+                reach = top - lamp
+                reach = reach * (H[..., None] / (lamp[..., 2] - H[..., None]).clamp_min(0.3))[..., None]
+            else:
+                reach = -sun * (H[..., None, None] / sun[2])
+            # far shadow tails are faint: cut them at a few object heights
+            length = reach[..., :2].norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            points.append(top * torch.tensor([1.0, 1.0, 0.0], device=R.device)
+                          + reach * (length.clamp_max(SHADOW_REACH * H[..., None, None]) / length))
+    pts = torch.cat(points, 2)  # [B, K, N, 3]
+    forward, right, up = _camera_frame(scenes.camera)
+    rel = pts - scenes.camera[:, None, None, :]
+    depth = (rel * forward[:, None, None]).sum(-1).clamp_min(1e-3)
+    u = (rel * right[:, None, None]).sum(-1) / depth / TAN_HALF_FOV * 0.5 + 0.5
+    v = 0.5 - (rel * up[:, None, None]).sum(-1) / depth / (TAN_HALF_FOV * ASPECT) * 0.5
+    return torch.stack([u.amin(-1), v.amin(-1), u.amax(-1), v.amax(-1)], -1)
+
+
+def _box_rays(scenes: Scenes, boxes: torch.Tensor, height: int, width: int):
+    """(b, y, x) of every grid pixel inside some present object's box, each pixel once."""
+    B, K = scenes.shape.shape
+    x0 = (boxes[..., 0] * width).floor().clamp(0, width)
+    y0 = (boxes[..., 1] * height).floor().clamp(0, height)
+    x1 = (boxes[..., 2] * width).ceil().clamp(0, width)
+    y1 = (boxes[..., 3] * height).ceil().clamp(0, height)
+    ys = torch.arange(height, device=boxes.device)
+    xs = torch.arange(width, device=boxes.device)
+    mask = torch.zeros(B, height, width, dtype=torch.bool, device=boxes.device)
+    for k in range(K):
+        my = (ys >= y0[:, k, None]) & (ys < y1[:, k, None]) & scenes.present[:, k, None]
+        mx = (xs >= x0[:, k, None]) & (xs < x1[:, k, None])
+        mask |= my[:, :, None] & mx[:, None, :]
+    return mask.nonzero(as_tuple=True)
+
+
+def _dense_rays(B: int, height: int, width: int, device):
+    b, y, x = torch.meshgrid(torch.arange(B, device=device), torch.arange(height, device=device),
+                             torch.arange(width, device=device), indexing="ij")
+    return b.flatten(), y.flatten(), x.flatten()
+
+
+def _to_srgb(linear: torch.Tensor) -> torch.Tensor:
+    x = linear.clamp(0, 1)
+    return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x.clamp_min(1e-8).pow(1 / 2.4) - 0.055)
+
+
+def render_scenes(scenes: Scenes, shown: torch.Tensor | None = None, size: int = IMAGE_SIZE,
+                  supersample: int = 2) -> torch.Tensor:
+    """uint8 images [B, 3, size, size] of ``scenes``; ``shown`` [B, K] picks the objects drawn."""
+    if shown is not None:
+        scenes = replace(scenes, present=scenes.present & shown)
+    B = len(scenes)
+    device = scenes.shape.device
+    # the empty floor is smooth: shade it once per output pixel
+    b, y, x = _dense_rays(B, size, size, device)
+    floor, _ = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, size, size), objects=False)
+    image = floor.view(B, size, size, 3)
+    # soft shadows are smooth too: output resolution, only where some object may cast one
+    b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=True), size, size)
+    if len(b):
+        image[b, y, x], _ = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, size, size), objects="shadows")
+    # the objects themselves, supersampled, only inside their own boxes
+    image = image.permute(0, 3, 1, 2)
+    if supersample > 1:
+        grid = size * supersample
+        image = F.interpolate(image, scale_factor=supersample, mode="bilinear", align_corners=False)
+        b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=False), grid, grid)
+        if len(b):
+            color, _ = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, grid, grid))
+            image[b, :, y, x] = color
+        image = F.avg_pool2d(image, supersample)
+    else:
+        b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=False), size, size)
+        if len(b):
+            image[b, :, y, x], _ = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, size, size))
+    srgb = _to_srgb(image * scenes.style.exposure)
+    return (srgb * 255).round().to(torch.uint8)
+
+
+def object_pixels(scenes: Scenes, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """[B, K] pixels of the size x size image where each object is the nearest thing seen."""
+    B, K = scenes.shape.shape
+    b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=False), size, size)
+    counts = torch.zeros(B, K + 1, device=scenes.shape.device)
+    if len(b):
+        _, k = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, size, size))
+        counts.index_put_((b, k + 1), torch.ones_like(k, dtype=counts.dtype), accumulate=True)
+    return counts[:, 1:]
+
+
+# ---------------------------------------------------------------- scene sampling
+
+
+def _scene_seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
+
+
+ATTEMPTS, CANDIDATES = 8, 24
+
+
+def sample_scenes(classes: Sequence[Sequence[int]], keys: Sequence[str], seed: int = 0,
+                  style: SceneStyle | None = None, device: torch.device | str = "cpu") -> Scenes:
+    """Lay out one scene per class list (objects in order); each scene's layout depends only on
+    (seed, its key), so it is the same in any batch. Scenes whose objects overlap, leave the
+    frame or hide one another below ``style.min_pixels`` are re-drawn."""
+    style = style or SceneStyle()
+    B, K = len(classes), max(len(c) for c in classes)
+    if K > MAX_OBJECTS:
+        raise PhraseError(f"at most {MAX_OBJECTS} objects per scene (got {K})")
+    per_scene = 3 * K + 3 + 9 + ATTEMPTS * K * CANDIDATES * 2
+    noise = torch.empty(B, per_scene)
+    for i, key in enumerate(keys):
+        torch.rand(per_scene, generator=torch.Generator().manual_seed(_scene_seed(seed, key)), out=noise[i])
+    it = iter(torch.split(noise, [K, K, K, 3, 9, ATTEMPTS * K * CANDIDATES * 2], dim=1))
+    u_yaw, u_size, u_metal, u_cam, u_lamp, u_xy = it
+    shape = torch.zeros(B, K, dtype=torch.long)
+    color = torch.zeros(B, K, dtype=torch.long)
+    present = torch.zeros(B, K, dtype=torch.bool)
+    for i, cls in enumerate(classes):
+        n = len(cls)
+        shape[i, :n] = torch.tensor([c // len(COLORS) for c in cls])
+        color[i, :n] = torch.tensor([c % len(COLORS) for c in cls])
+        present[i, :n] = True
+    sizes = torch.tensor(style.sizes)
+    scenes = Scenes(
+        shape=shape, color=color, xy=torch.zeros(B, K, 2),
+        size=sizes[(u_size * len(sizes)).long().clamp_max(len(sizes) - 1)],
+        yaw=u_yaw * 2 * math.pi, metal=u_metal < style.metal_probability, present=present,
+        camera=torch.tensor(CAMERA) + (u_cam * 2 - 1) * style.camera_jitter,
+        lamps=torch.tensor(LAMPS) + (u_lamp.view(B, 3, 3) * 2 - 1) * style.light_jitter, style=style,
+    ).to(device)
+    u_xy = u_xy.view(B, ATTEMPTS, K, CANDIDATES, 2).to(device)
+    todo = torch.arange(B, device=device)
+    radius = _bound_radius(scenes)
+    for attempt in range(ATTEMPTS):
+        sub = scenes.index(todo)
+        cand = (u_xy[todo, attempt] * 2 - 1) * style.extent  # [b, K, C, 2]
+        ok = torch.ones(len(todo), dtype=torch.bool, device=device)
+        xy = torch.zeros(len(todo), K, 2, device=device)
+        for k in range(K):
+            c = cand[:, k]
+            if k == 0 and style.first_at_origin:
+                c = torch.zeros_like(c)
+            valid = torch.ones(c.shape[:2], dtype=torch.bool, device=device)
+            for j in range(k):
+                dist = (c - xy[:, j, None]).norm(dim=-1)
+                valid &= dist - radius[todo, k, None] - radius[todo, j, None] >= style.gap
+                if j == 0 and style.first_at_origin:  # a square ring around the first object
+                    valid &= (c - xy[:, j, None]).abs().amax(-1) >= style.ring
+            first = valid.float().argmax(1)
+            xy[:, k] = c[torch.arange(len(todo), device=device), first]
+            ok &= valid.any(1) | ~sub.present[:, k]
+        sub.xy = xy
+        pixels = object_pixels(sub)
+        frame = (_screen_boxes(sub, shadows=False).clamp(0, 1) == _screen_boxes(sub, shadows=False)).all(-1)
+        ok &= ((pixels >= style.min_pixels) & frame | ~sub.present).all(1)
+        last = attempt == ATTEMPTS - 1
+        take = torch.ones_like(ok) if last else ok  # the last attempt is kept as it is
+        scenes.xy[todo[take]] = xy[take]
+        todo = todo[~take]
+        if len(todo) == 0:
+            break
+    return scenes
+
+
+def scene_facts(scenes: Scenes, row: int, count: int | None = None) -> list[dict]:
+    """The objects of one scene for scenes.json: class, position, size, material, yaw."""
+    facts = []
+    height = _object_height(scenes)
+    for k in range(scenes.shape.shape[1] if count is None else count):
+        if not bool(scenes.present[row, k]):
+            continue
+        facts.append({
+            "phrase": f"{COLORS[int(scenes.color[row, k])]} {SHAPES[int(scenes.shape[row, k])]}",
+            "position": [round(float(v), 4) for v in scenes.xy[row, k].tolist()] + [round(float(height[row, k]) / 2, 4)],
+            "size": round(float(scenes.size[row, k]), 4),
+            "material": "metal" if bool(scenes.metal[row, k]) else "rubber",
+            "yaw_degrees": round(math.degrees(float(scenes.yaw[row, k])), 2),
+        })
+    return facts
+
+
+# ---------------------------------------------------------------- datasets in the i-CLEVR layout
+
+_STEP = re.compile(r"^(?P<scene>.+)_(?P<step>\d+)\.png$")
+
+
+def plan_scenes(spec: dict[str, list[str]]) -> list[tuple[str, list[int], list[tuple[str, int]]]]:
+    """Group image names into scenes: (key, the scene's classes in order, [(name, objects shown)]).
+
+    ``X_0.png, X_1.png, ...`` share one scene and show its first 1, 2, ... objects (the union of
+    their phrase lists in step order); any other name is a scene of its own.
+    """
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in spec:
+        m = _STEP.match(name)
+        key, step = (m["scene"], int(m["step"])) if m else (name, 0)
+        groups.setdefault(key, []).append((step, name))
+    plan = []
+    for key, members in groups.items():
+        members.sort()
+        classes: list[int] = []
+        images = []
+        for _, name in members:
+            wanted = []
+            for phrase in spec[name]:
+                try:
+                    wanted.append(parse_phrase(phrase))
+                except PhraseError as exc:
+                    raise PhraseError(f"{name}: {exc}") from None
+            for c in wanted:
+                if c not in classes:
+                    classes.append(c)
+            images.append((name, wanted))
+        images = [(name, [classes.index(c) for c in wanted]) for name, wanted in images]
+        if len(classes) > MAX_OBJECTS:
+            raise PhraseError(f"{key}: {len(classes)} objects, at most {MAX_OBJECTS} are supported")
+        plan.append((key, classes, images))
+    return plan
+
+
+def iter_render(spec: dict[str, list[str]], seed: int = 0, device: torch.device | str = "cpu",
+                batch_size: int = 256, style: SceneStyle | None = None, skip: set[str] | frozenset = frozenset(),
+                ) -> Iterator[tuple[list[str], torch.Tensor, list[list[dict]]]]:
+    """Render ``spec`` batch by batch: (names, uint8 images [N, 3, 64, 64] on the CPU, facts).
+
+    A scene whose images are all in ``skip`` is not rendered (resuming); an image depends only
+    on (seed, its scene key), never on the batch it was drawn in.
+    """
+    plan = [p for p in plan_scenes(spec) if not all(name in skip for name, _ in p[2])]
+    for start in range(0, len(plan), batch_size):
+        chunk = plan[start:start + batch_size]
+        scenes = sample_scenes([c for _, c, _ in chunk], [k for k, _, _ in chunk], seed, style, device)
+        K = scenes.shape.shape[1]
+        rows, shown, names, facts = [], [], [], []
+        for i, (_, _, images) in enumerate(chunk):
+            for name, objects in images:
+                mask = torch.zeros(K, dtype=torch.bool)
+                mask[objects] = True
+                rows.append(i)
+                shown.append(mask)
+                names.append(name)
+                facts.append([f for j, f in enumerate(scene_facts(scenes, i, K)) if j in objects])
+        index = torch.tensor(rows, device=scenes.shape.device)
+        images = render_scenes(scenes.index(index), torch.stack(shown).to(index.device))
+        yield names, images.cpu(), facts
+
+
+def render_dataset(spec: dict[str, list[str]], seed: int = 0, device: torch.device | str = "cpu",
+                   progress: bool = True, style: SceneStyle | None = None) -> ImageSet:
+    """Render every image of ``spec`` (name -> phrases) as an :class:`ImageSet` in spec order."""
+    images: dict[str, torch.Tensor] = {}
+    for names, batch, _ in _tracked(iter_render(spec, seed, device, style=style), len(spec), progress):
+        images.update(zip(names, batch))
+    names = list(spec)
+    return ImageSet(torch.stack([images[n] for n in names]), labels_tensor([spec[n] for n in names]),
+                    scene_ids(names), names)
+
+
+def _tracked(batches, total: int, enabled: bool, done: int = 0):
+    """Pass batches through while a rich bar shows images and scenes per second."""
+    import time
+
+    from rich.progress import TextColumn
+
+    from clevrgen.progress import make_progress
+
+    start, scenes, count = time.perf_counter(), 0, 0
+    with make_progress(TextColumn("{task.fields[rate]}"), enabled=enabled) as bar:
+        task = bar.add_task("rendering", total=total, completed=done, rate="")
+        for batch in batches:
+            yield batch
+            names = batch[0]
+            count += len(names)
+            scenes += len({scene_key(n) for n in names})
+            elapsed = time.perf_counter() - start
+            bar.update(task, advance=len(names), rate=f"{scenes / elapsed:,.0f} scenes/s")
+
+
+def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.device | str = "cpu",
+                  fmt: str = "png", progress: bool = True, style: SceneStyle | None = None) -> dict[str, int]:
+    """Write ``spec`` rendered in the i-CLEVR layout under ``out``: train.json, objects.json,
+    scenes.json (each image's objects) and ``iclevr/<name>`` PNGs (``fmt`` png or both) and/or
+    the reader's uint8 cache (cache or both), so ``load_iclevr(out)`` reads it back.
+
+    An interrupted run resumes: PNGs already written (each written atomically) are kept, their
+    objects read back from ``scenes.jsonl``. Returns counts of rendered and kept images.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from clevrgen.data.iclevr import cache_path, decode_image, fingerprint_of, save_cache
+    from clevrgen.labels import CLASS_INDEX
+    from clevrgen.runtime import atomic_path, atomic_write_text
+
+    out = Path(out)
+    plan_scenes(spec)  # validates every phrase before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "train.json", json.dumps(spec))
+    atomic_write_text(out / "objects.json", json.dumps(CLASS_INDEX))
+    pngs = fmt in ("png", "both")
+    journal = out / "scenes.jsonl"
+    facts: dict[str, list[dict]] = {}
+    if pngs and (out / "scenes.json").is_file():
+        try:
+            facts.update(json.loads((out / "scenes.json").read_text()))
+        except json.JSONDecodeError:
+            pass
+    if pngs and journal.is_file():
+        for line in journal.read_text().splitlines():
+            try:
+                facts.update(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+    kept = {n for n in spec if n in facts and (out / "iclevr" / n).is_file()} if pngs else set()
+    images: dict[str, torch.Tensor] = {}
+    with open(journal, "a") if pngs else _nullfile() as log:
+        batches = iter_render(spec, seed, device, style=style, skip=kept)
+        for names, batch, batch_facts in _tracked(batches, len(spec), progress, done=len(kept)):
+            if fmt != "png":
+                images.update(zip(names, batch))
+            if pngs:
+                for name, image in zip(names, batch):
+                    with atomic_path(out / "iclevr" / name) as tmp:
+                        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+                log.write(json.dumps(dict(zip(names, batch_facts))) + "\n")
+                log.flush()
+            facts.update(zip(names, batch_facts))
+    atomic_write_text(out / "scenes.json", json.dumps({n: facts[n] for n in spec}, indent=1))
+    if fmt != "png":
+        for name in kept:
+            images[name] = torch.from_numpy(np.ascontiguousarray(decode_image(out / "iclevr" / name)))
+        names = list(spec)
+        data = ImageSet(torch.stack([images[n] for n in names]), labels_tensor([spec[n] for n in names]),
+                        scene_ids(names), names)
+        save_cache(cache_path(out), data, fingerprint_of(out))
+    if pngs:
+        journal.unlink(missing_ok=True)
+    return {"rendered": len(spec) - len(kept), "kept": len(kept)}
+
+
+class _nullfile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def random_spec(count: int, objects: tuple[int, int] = (1, 3), seed: int = 0) -> dict[str, list[str]]:
+    """``count`` random scenes named as in i-CLEVR: ``CLEVR_random_000000_k.png`` shows the scene's
+    first k + 1 objects. Each scene draws its object count from ``objects`` = (MIN, MAX) and
+    writes its images with at least MIN objects (with 1-3: the i-CLEVR sequences)."""
+    from clevrgen.labels import PHRASES
+
+    g = torch.Generator().manual_seed(_scene_seed(seed, "random-spec"))
+    lo, hi = objects
+    spec: dict[str, list[str]] = {}
+    for i in range(count):
+        n = int(torch.randint(lo, hi + 1, (), generator=g))
+        phrases = [PHRASES[j] for j in torch.randperm(len(PHRASES), generator=g)[:n].tolist()]
+        for k in range(lo - 1, n):
+            spec[f"CLEVR_random_{i:06d}_{k}.png"] = phrases[:k + 1]
+    return spec

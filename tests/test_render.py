@@ -1,0 +1,130 @@
+"""The procedural renderer: counts, determinism, visibility, sequences, the layout, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clevrgen.cli import app
+from clevrgen.data import render as R
+from clevrgen.data.iclevr import load_iclevr
+from clevrgen.labels import CLASS_INDEX, multi_hot
+
+SPEC = {
+    "CLEVR_train_000001_0.png": ["red cube"],
+    "CLEVR_train_000001_1.png": ["red cube", "blue sphere"],
+    "CLEVR_train_000001_2.png": ["red cube", "blue sphere", "yellow cylinder"],
+    "lone.png": ["gray sphere", "green cylinder", "purple cube", "cyan sphere", "brown cube"],
+}
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return R.render_dataset(SPEC, seed=3, progress=False)
+
+
+def test_counts_and_classes_match_the_spec(rendered):
+    assert rendered.names == list(SPEC)
+    assert rendered.images.shape == (4, 3, 64, 64) and rendered.images.dtype == torch.uint8
+    assert torch.equal(rendered.labels, multi_hot(SPEC.values()))
+    plan = {key: classes for key, classes, _ in R.plan_scenes(SPEC)}
+    assert plan["CLEVR_train_000001"] == [CLASS_INDEX[p] for p in SPEC["CLEVR_train_000001_2.png"]]
+    assert rendered.scenes.tolist() == [0, 0, 0, 1]
+
+
+def test_same_seed_same_images_other_seed_other_images(rendered):
+    again = R.render_dataset(SPEC, seed=3, progress=False)
+    assert torch.equal(again.images, rendered.images)
+    other = R.render_dataset(SPEC, seed=4, progress=False)
+    assert not torch.equal(other.images, rendered.images)
+
+
+def test_a_scene_does_not_depend_on_its_batch():
+    alone = R.render_dataset({"lone.png": SPEC["lone.png"]}, seed=3, progress=False)
+    together = R.render_dataset(SPEC, seed=3, progress=False)
+    assert torch.equal(alone.images[0], together.images[-1])
+
+
+def test_objects_rest_apart_and_each_is_visible():
+    classes = [[CLASS_INDEX[p] for p in SPEC["lone.png"]]] * 6
+    scenes = R.sample_scenes(classes, [f"s{i}" for i in range(6)], seed=0)
+    pixels = R.object_pixels(scenes)
+    assert bool((pixels >= scenes.style.min_pixels).all())
+    gaps = (scenes.xy[:, :, None] - scenes.xy[:, None]).norm(dim=-1)
+    radius = R._bound_radius(scenes)
+    clearance = gaps - radius[:, :, None] - radius[:, None]
+    off_diagonal = ~torch.eye(5, dtype=torch.bool)
+    assert bool((clearance[:, off_diagonal] >= scenes.style.gap - 1e-5).all())
+    assert torch.equal(scenes.xy[:, 0], torch.zeros(6, 2))  # i-CLEVR: the first object at the origin
+    assert bool((scenes.xy[:, 1:].abs().amax(-1) >= scenes.style.ring - 1e-5).all())
+
+
+def test_sequences_share_the_earlier_objects(rendered):
+    first, second, third = rendered.images[:3].float()
+    # adding an object changes only the pixels near it: most of the image stays put
+    assert (first - second).abs().amax(0).gt(8).float().mean() < 0.15
+    assert (second - third).abs().amax(0).gt(8).float().mean() < 0.15
+    assert (first - second).abs().amax(0).gt(8).any() and (second - third).abs().amax(0).gt(8).any()
+    scenes = R.sample_scenes([[CLASS_INDEX[p] for p in SPEC["CLEVR_train_000001_2.png"]]], ["CLEVR_train_000001"], 3)
+    facts = json.loads(json.dumps(R.scene_facts(scenes, 0)))
+    assert [f["phrase"] for f in facts] == SPEC["CLEVR_train_000001_2.png"]
+
+
+def test_written_folder_reads_back(tmp_path, rendered, monkeypatch):
+    monkeypatch.setenv("CLEVRGEN_CACHE", str(tmp_path / "cache"))
+    counts = R.render_folder(tmp_path / "out", SPEC, seed=3, progress=False)
+    assert counts == {"rendered": 4, "kept": 0}
+    data = load_iclevr(tmp_path / "out", progress=False)
+    assert data.names == list(SPEC) and torch.equal(data.images, rendered.images)
+    scenes = json.loads((tmp_path / "out" / "scenes.json").read_text())
+    assert [f["phrase"] for f in scenes["CLEVR_train_000001_1.png"]] == SPEC["CLEVR_train_000001_1.png"]
+    again = R.render_folder(tmp_path / "out", SPEC, seed=3, progress=False)  # resumes: nothing to do
+    assert again == {"rendered": 0, "kept": 4}
+
+
+def test_cache_only_folder_reads_back_without_pngs(tmp_path, rendered, monkeypatch):
+    monkeypatch.setenv("CLEVRGEN_CACHE", str(tmp_path / "cache"))
+    R.render_folder(tmp_path / "out", SPEC, seed=3, fmt="cache", progress=False)
+    assert not (tmp_path / "out" / "iclevr").exists()
+    data = load_iclevr(tmp_path / "out", progress=False)
+    assert torch.equal(data.images, rendered.images)
+
+
+def test_cli_render(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEVRGEN_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    result = runner.invoke(app, ["data", "render", "--out", str(tmp_path / "a"), "--spec", str(spec), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "a" / "iclevr").iterdir()) == sorted(SPEC)
+    result = runner.invoke(app, ["data", "render", "--out", str(tmp_path / "b"), "--random", "2", "--objects", "2-3"])
+    assert result.exit_code == 0, result.output
+    names = json.loads((tmp_path / "b" / "train.json").read_text())
+    assert all(2 <= len(v) <= 3 for v in names.values()) and len({n.rsplit("_", 1)[0] for n in names}) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--random", "2", "--objects", "3-1"], "--objects"),
+    (["--random", "2", "--objects", "0-9"], "--objects"),
+    (["--spec", "missing.json"], "missing file"),
+    (["--spec", "{bad}"], "unknown phrase"),
+])
+def test_cli_render_user_errors(tmp_path, args, message):
+    if args[-1] == "{bad}":
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"x_0.png": ["pink cube"]}))
+        args = ["--spec", str(bad)]
+    result = CliRunner().invoke(app, ["data", "render", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert message in result.output
+
+
+def test_cli_render_cuda_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    result = CliRunner().invoke(app, ["data", "render", "--out", str(tmp_path / "o"), "--random", "1", "--device", "cuda"])
+    assert result.exit_code == 2 and "CUDA" in result.output
