@@ -96,10 +96,10 @@ def _check_state(path: Path, state: dict[str, torch.Tensor], model: nn.Module) -
     if wrong:
         k = wrong[0]
         what = f"{k} has shape {list(state[k].shape)}, a judge needs {list(expected[k].shape)}"
-    elif missing:
-        what = f"{len(missing)} weights are missing (first: {missing[0]})"
     else:
-        what = f"{len(extra)} unexpected weights (first: {extra[0]})"
+        parts = [f"{len(missing)} weights missing (first: {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (first: {extra[0]})" if extra else ""]
+        what = ", ".join(p for p in parts if p)
     raise CheckpointError(f"{path}: not a 24-class ResNet-18 judge: {what}")
 
 
