@@ -35,13 +35,37 @@ def normalize_phrase(text: str) -> str:
     return " ".join(re.split(r"[\s_]+", str(text).strip().lower()))
 
 
+# Words people use for our colors and shapes; anything else falls back to the closest spelling.
+SYNONYMS = {
+    "grey": "gray", "silver": "gray", "black": "gray", "white": "gray",
+    "pink": "purple", "violet": "purple", "magenta": "purple", "lilac": "purple",
+    "orange": "brown", "tan": "brown", "teal": "cyan", "turquoise": "cyan", "aqua": "cyan",
+    "navy": "blue", "lime": "green", "gold": "yellow",
+    "ball": "sphere", "spheres": "sphere", "box": "cube", "block": "cube", "cubes": "cube",
+    "cylinders": "cylinder", "can": "cylinder", "tube": "cylinder",
+}
+
+
+def _closest(word: str, choices: tuple[str, ...]) -> str:
+    if word in SYNONYMS and SYNONYMS[word] in choices:
+        return SYNONYMS[word]
+    return max(choices, key=lambda c: (difflib.SequenceMatcher(None, word, c).ratio(), c[:1] == word[:1]))
+
+
+def suggest(phrase: str) -> str:
+    """The valid phrase closest to ``phrase``: its color and shape words matched one by one."""
+    words = phrase.split()
+    if len(words) == 2:
+        return f"{_closest(words[0], COLORS)} {_closest(words[1], SHAPES)}"
+    return difflib.get_close_matches(phrase, PHRASES, n=1, cutoff=0.0)[0]
+
+
 def parse_phrase(text: str) -> int:
     """The class index of one phrase; an unknown phrase names the closest valid one."""
     phrase = normalize_phrase(text)
     if phrase in CLASS_INDEX:
         return CLASS_INDEX[phrase]
-    close = difflib.get_close_matches(phrase, PHRASES, n=1, cutoff=0.0)
-    hint = f' Did you mean "{close[0]}"?' if close and phrase else ""
+    hint = f' Did you mean "{suggest(phrase)}"?' if phrase else ""
     raise PhraseError(
         f'unknown phrase "{text}".{hint} A phrase is "<color> <shape>" with color one of '
         f"{', '.join(COLORS)} and shape one of {', '.join(SHAPES)}."

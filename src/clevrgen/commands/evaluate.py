@@ -1,5 +1,61 @@
-"""placeholder until the diffusion core lands"""
-HELP = "not yet available"
-EXAMPLES = ""
-def evaluate() -> None:
-    raise SystemExit("not yet available")
+"""``clevrgen evaluate``: generate a split's label sets and score them with the judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from clevrgen.commands._options import (
+    CheckpointOption, ConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
+    StepsOption, load_pipeline,
+)
+
+HELP = "Generate every label set of a split and score the images with the judge (top-k and exact-set accuracy)."
+EXAMPLES = """Examples:
+
+  clevrgen evaluate --split new_test
+
+  clevrgen evaluate --split test --steps 25 --sampler dpm++ --guidance 2 --json
+
+  clevrgen evaluate --split my_scenes.json --evaluator classifier_weight.pth --out eval/
+"""
+
+
+def evaluate(
+    split: Annotated[Optional[str], typer.Option("--split", help="test, new_test, or a JSON file of phrase lists. [default: evaluate.split]")] = None,
+    checkpoint: CheckpointOption = None,
+    evaluator: Annotated[Optional[Path], typer.Option("--evaluator", help="A course-format classifier .pth (key 'model') or a clevrgen judge. [default: the shipped judge]")] = None,
+    steps: StepsOption = None,
+    sampler: SamplerOption = None,
+    guidance: GuidanceOption = None,
+    seed: SeedOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the grid, images and results. [default: RUN/eval-<split>]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    print_config: PrintConfigOption = False,
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from clevrgen.evaluation import evaluate_split
+
+    pipeline = load_pipeline(checkpoint, config, overrides, print_config,
+                             steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+    split = split or pipeline.config.evaluate.split
+    evaluator = evaluator or pipeline.config.evaluate.evaluator
+    out = out or pipeline.run_dir / f"eval-{Path(split).stem}"
+    result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("config", "per_class_recall")}))
+        return
+    table = Table(title=f"{split}: {result['n_images']} images, {result['sampler']} {result['steps']} steps, "
+                        f"guidance {result['guidance']}")
+    for column in ("top-k accuracy", "exact-set accuracy", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result['topk_accuracy']:.4f}", f"{result['exact_accuracy']:.4f}", f"{result['seconds']:.1f}")
+    Console().print(table)
+    typer.echo(f"wrote {out}/grid.png, {out}/iclevr/, {out}/results.json")

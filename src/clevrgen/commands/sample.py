@@ -1,5 +1,46 @@
-"""placeholder until the diffusion core lands"""
-HELP = "not yet available"
-EXAMPLES = ""
-def sample() -> None:
-    raise SystemExit("not yet available")
+"""``clevrgen sample``: a grid of images of one scene."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from clevrgen.commands._options import (
+    CheckpointOption, ConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
+    StepsOption, load_pipeline,
+)
+
+HELP = "Draw images of one scene, e.g. \"red sphere\" \"cyan cube\", as a grid PNG."
+EXAMPLES = """Examples:
+
+  clevrgen sample "red sphere" "cyan cube" -o out.png
+
+  clevrgen sample "gray cube" "yellow cylinder" --num 16 --steps 50 --sampler ddim --guidance 2 --checkpoint runs/tiny
+"""
+
+
+def sample(
+    phrases: Annotated[list[str], typer.Argument(help="One to three color-shape phrases, e.g. \"red sphere\".")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The grid PNG to write.")] = Path("out.png"),
+    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="How many images. [default: sample.num]")] = None,
+    seed: SeedOption = None,
+    steps: StepsOption = None,
+    sampler: SamplerOption = None,
+    guidance: GuidanceOption = None,
+    checkpoint: CheckpointOption = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    print_config: PrintConfigOption = False,
+) -> None:
+    from clevrgen.evaluation import save_grid
+    from clevrgen.labels import parse_phrases
+
+    parse_phrases(phrases)  # fail on a bad phrase before loading anything
+    pipeline = load_pipeline(checkpoint, config, overrides, print_config,
+                             num=num, seed=seed, steps=steps, sampler=sampler, guidance=guidance)
+    s = pipeline.config.sample
+    images = pipeline.generate([phrases] * s.num, [s.seed + i for i in range(s.num)])
+    save_grid(images, out)
+    typer.echo(f"wrote {out} ({s.num} images, {s.sampler} {s.steps} steps, guidance {s.guidance}, seed {s.seed})")

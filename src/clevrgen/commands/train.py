@@ -1,5 +1,61 @@
-"""placeholder until the diffusion core lands"""
-HELP = "not yet available"
-EXAMPLES = ""
-def train() -> None:
-    raise SystemExit("not yet available")
+"""``clevrgen train``: train the denoiser; a run folder holds everything it made."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from clevrgen.commands._options import ConfigOption, PrintConfigOption, SetOption, resolve_config
+
+HELP = "Train the conditional denoiser (config -> run folder with checkpoints, metrics and samples)."
+EXAMPLES = """Examples:
+
+  clevrgen train --config configs/tiny.toml
+
+  clevrgen train --config configs/base.toml --set data.path='../shared/iclevr' --out runs/base
+
+  clevrgen train --resume runs/base
+"""
+
+
+def train(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    print_config: PrintConfigOption = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. [default: runs/<config>-<time>]")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
+) -> None:
+    from rich.console import Console
+
+    from clevrgen.data import load_dataset
+    from clevrgen.errors import UsageError
+    from clevrgen.train import train as run_training
+
+    if resume is not None:
+        if out is not None and out != resume:
+            raise UsageError("give either --out or --resume, not both")
+        from clevrgen.commands._options import load_config_of_run
+        from clevrgen.config import merge_overrides, validate_config
+
+        raw = load_config_of_run(resume).model_dump(mode="json", exclude_none=True)
+        cfg = validate_config(merge_overrides(raw, list(overrides or [])), source=str(resume))
+        if print_config:
+            from clevrgen.config import to_toml
+
+            typer.echo(to_toml(cfg))
+            raise typer.Exit()
+        run_dir = resume
+    else:
+        cfg = resolve_config(config, overrides, print_config)
+        stem = config.stem if config is not None else "run"
+        run_dir = out or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    data = load_dataset(cfg.data)
+    result = run_training(cfg, run_dir, data, resume=resume is not None)
+    val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    Console().print(
+        f"[bold green]done[/]: {result.step} steps, loss {result.loss:.4f}{val}, "
+        f"{result.images_per_second:.0f} img/s -> {result.run_dir}"
+    )

@@ -49,13 +49,13 @@ _INF = float("inf")
 class SceneStyle:
     """How scenes are drawn. The defaults are what i-CLEVR used, measured on its images."""
 
-    sizes: tuple[float, ...] = (0.6,)
+    sizes: tuple[float, ...] = (0.63,)
     """Object sizes (sphere radius) to choose from; CLEVR's generator used (0.7, 0.35)."""
     metal_probability: float = 0.0
-    cube_scale: float = 1.0
-    """Cube half-edge / size: 1 in i-CLEVR, 1/sqrt(2) in the generator."""
-    cylinder_height: float = 0.85
-    """Cylinder half-height / radius: i-CLEVR's cylinders are squat."""
+    cube_scale: float = 0.9
+    """Cube half-edge / size: about 1 in i-CLEVR, 1/sqrt(2) in the generator."""
+    cylinder_height: float = 1.0
+    """Cylinder half-height / radius."""
     first_at_origin: bool = True
     ring: float = 2.5
     """Later objects keep at least this distance from the first."""
@@ -65,20 +65,22 @@ class SceneStyle:
     light_jitter: float = 1.0
     min_pixels: float = 11.0
     """Visible pixels each object must cover at 64x64 (re-drawn otherwise)."""
-    lamp_power: tuple[float, float, float] = (9.0, 2.2, 3.0)
-    sun_power: float = 0.47
+    lamp_power: tuple[float, float, float] = (7.46, 2.15, 2.69)
+    sun_power: float = 0.103
     bounce: float = 0.25
     """Light bounced from the floor onto objects, as a fraction of the floor's own light."""
     gloss: float = 0.06
-    penumbra: tuple[float, float] = (0.06, 0.07)
+    penumbra: tuple[float, float] = (0.3, 0.3)
     """Shadow softness: a constant blur plus a widening per unit distance to the occluder."""
     floor_albedo: float = 0.8
-    floor_ambient: float = 0.0
+    floor_ambient: float = 0.026
     """Light on the floor from everywhere (bounces), in units of floor radiance."""
-    backdrop: tuple[float, float] = (4.0, 4.0)
+    backdrop: tuple[float, float] = (4.5, 3.0)
     """Where the floor starts curving up (distance behind the origin, away from the camera)
     and the radius of that curve."""
     exposure: float = 1.0
+    object_gain: float = 1.45
+    """Extra light on objects: the bounces a one-bounce model misses (matched to real colors)."""
 
 
 @dataclass
@@ -340,7 +342,7 @@ def _shade(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, objects: bool | str
     # metal: a tinted mirror of a mid-gray world, with sharp tinted highlights
     env = torch.where(n[:, 2:3] > 0, 0.12, 0.06) * (1 + (n * view).sum(-1, keepdim=True))
     shiny = albedo * (env + 0.15 * ambient + 6.0 * spec.pow(1.0)) + 0.03 * diffuse
-    color = torch.where(metal, shiny, rubber)
+    color = torch.where(metal, shiny, rubber) * st.object_gain
     floor[idx] = color
     return floor, k_best
 

@@ -1,0 +1,31 @@
+"""The embedded default dataset: the official train.json rendered once, then cached."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from clevrgen.data.iclevr import ImageSet, load_cache, save_cache
+from clevrgen.errors import DataError
+from clevrgen.labels import asset_path
+from clevrgen.runtime import user_cache_dir
+
+
+def load_embedded(seed: int = 0, cache_dir: Path | None = None, progress: bool = True) -> ImageSet:
+    try:
+        from clevrgen.data.render import render_dataset
+    except ImportError:
+        raise DataError(
+            "no dataset configured and the embedded renderer is not available: "
+            "set data.path to an i-CLEVR folder (e.g. --set data.path='../shared/iclevr')"
+        ) from None
+    import json
+
+    spec_file = asset_path("train.json")
+    fingerprint = hashlib.sha256(spec_file.read_bytes() + f"seed={seed}".encode()).hexdigest()[:16]
+    path = (cache_dir or user_cache_dir()) / f"rendered-{fingerprint}.safetensors"
+    data = load_cache(path, fingerprint)
+    if data is None:
+        data = render_dataset(json.loads(spec_file.read_text()), seed=seed, progress=progress)
+        save_cache(path, data, fingerprint)
+    return data

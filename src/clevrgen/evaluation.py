@@ -1,0 +1,78 @@
+"""Generate every label set of a split, score the images with a judge, and write what was made."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
+from clevrgen.pipeline import ScenePipeline
+from clevrgen.runtime import atomic_path, atomic_write_text
+
+
+def write_image_folder(out: Path, images: torch.Tensor, scenes: list[list[str]]) -> None:
+    """One PNG per image with ``train.json`` / ``objects.json``: the i-CLEVR layout, so the
+    folder can be scored again by ``clevrgen evaluator score``."""
+    from torchvision.utils import save_image
+
+    names = [f"image_{i:04d}.png" for i in range(len(images))]
+    for name, image in zip(names, images):
+        with atomic_path(out / "iclevr" / name) as tmp:
+            save_image(image.float() / 255, tmp, format="png")
+    spec = {name: [normalize_phrase(p) for p in scene] for name, scene in zip(names, scenes)}
+    atomic_write_text(out / "train.json", json.dumps(spec, indent=1))
+    atomic_write_text(out / "objects.json", asset_path("objects.json").read_text())
+
+
+def save_grid(images: torch.Tensor, path: Path, per_row: int = 8) -> None:
+    from torchvision.utils import save_image
+
+    with atomic_path(path) as tmp:
+        save_image(images.float() / 255, tmp, nrow=per_row, padding=2, format="png")
+
+
+def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Path | None = None,
+                   progress: bool = True) -> dict:
+    """Draw each label set of ``split`` once (seed = sample.seed + index), score, write results."""
+    import diffusers
+
+    import clevrgen
+    from clevrgen.judge import judge_probs, load_judge, score_predictions
+
+    scenes = load_label_sets(split)
+    judge = load_judge(evaluator, pipeline.device)
+    s = pipeline.config.sample
+    start = time.perf_counter()
+    images = pipeline.generate(scenes, [s.seed + i for i in range(len(scenes))], progress, f"sampling {Path(split).stem}")
+    if pipeline.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    labels = pipeline.labels(scenes).cpu()
+    scores = score_predictions(judge_probs(judge, images), labels)
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images, out / "grid.png")
+    write_image_folder(out, images, scenes)
+    result = {
+        "split": split,
+        "n_images": len(scenes),
+        "topk_accuracy": scores["topk_accuracy"],
+        "exact_accuracy": scores["exact_accuracy"],
+        "seconds": seconds,
+        "sampler": s.sampler,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "seed": s.seed,
+        "checkpoint": str(pipeline.run_dir),
+        "evaluator": str(evaluator) if evaluator else "shipped",
+        "device": str(pipeline.device),
+        "per_class_recall": dict(zip(PHRASES, scores["per_class_recall"])),
+        "versions": {"clevrgen": clevrgen.__version__, "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "config": pipeline.config.model_dump(mode="json"),
+    }
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,276 @@
+"""The training loop: AdamW, warmup, EMA, gradient clipping, atomic checkpoints, metrics.
+
+One code path for the CPU and CUDA: precision, compile and channels-last are settings. The whole
+training set lives on the device as uint8 and batches are drawn there. All randomness of the
+loop flows through one generator whose state is checkpointed, so a resumed run on the CPU
+continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clevrgen.config import Config, to_toml
+from clevrgen.data.iclevr import ImageSet, split_scenes, to_float
+from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
+from clevrgen.errors import CheckpointError, ClevrgenError, UsageError
+from clevrgen.model import LabelConditionedUNet, build_model, save_artifact
+from clevrgen.runtime import append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, resolve_device
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingInterrupted(ClevrgenError):
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float
+    images_per_second: float
+    val_loss: float | None
+
+
+def lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+def draw_batch(images: torch.Tensor, labels: torch.Tensor, cfg: Config, gen: torch.Generator):
+    """A random batch on the device: images in [-1, 1] (randomly flipped), labels with dropout."""
+    n, b = images.shape[0], cfg.train.batch_size
+    device = images.device
+    index = torch.randint(n, (b,), generator=gen, device=device)
+    x0 = to_float(images[index])
+    if cfg.train.hflip:
+        flip = torch.rand(b, generator=gen, device=device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    keep = torch.rand(b, generator=gen, device=device) >= cfg.train.label_dropout
+    return x0, labels[index] * keep[:, None]
+
+
+def diffusion_loss(model, noise_scheduler, x0, labels, gen, amp_dtype) -> torch.Tensor:
+    b, device = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=gen, device=device)
+    t = torch.randint(noise_scheduler.config.num_train_timesteps, (b,), generator=gen, device=device)
+    x_t = noise_scheduler.add_noise(x0, noise, t)
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+    with autocast(device, amp_dtype):
+        pred = model(x_t, t, labels)
+    return F.mse_loss(pred.float(), target)
+
+
+@torch.no_grad()
+def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int) -> float:
+    """Mean loss over (up to 512 of) the held-out images, with fixed noise: comparable over time."""
+    gen = torch.Generator(device).manual_seed(1234)
+    images, labels = val.images[:512].to(device), val.labels[:512].to(device)
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        x0 = to_float(images[start:start + batch_size])
+        total += diffusion_loss(model, noise_scheduler, x0, labels[start:start + batch_size], gen, amp_dtype).item() * len(x0)
+    return total / max(1, len(images))
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer and run folder of one training run."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data: ImageSet, progress: bool = True):
+        from diffusers.training_utils import EMAModel
+
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        if cfg.train.batch_size > len(data):
+            raise UsageError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(data)} training images")
+        self.train_set, self.val_set = split_scenes(data, cfg.data.val_fraction, cfg.data.split_seed)
+        self.images = self.train_set.images.to(self.device)
+        self.labels = self.train_set.labels.to(self.device)
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = EMAModel(self.model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train.warmup_steps))
+        self.noise_scheduler = training_scheduler(cfg.diffusion)
+        self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
+        self.step = 0
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+
+    # --- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        """The resumable state (atomic) and the sampling artifact (EMA weights)."""
+        with atomic_path(self.run_dir / STATE_FILE) as tmp:
+            torch.save(self.state_dict(), tmp)
+        save_artifact(self.ema_model(), self.cfg, self.run_dir)
+
+    def load_checkpoint(self) -> None:
+        path = self.run_dir / STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"cannot resume: {path} not found (is {self.run_dir} a training run?)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.device)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+            self.gen.set_state(state["gen"])
+            torch.set_rng_state(state["torch_rng"])
+            self.step = int(state["step"])
+        except Exception as exc:
+            raise CheckpointError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from None
+
+    def ema_model(self) -> LabelConditionedUNet:
+        model = copy.deepcopy(self.model).float().to(memory_format=torch.contiguous_format)
+        self.ema.copy_to(model.parameters())
+        return model.eval()
+
+    # --- periodic work -----------------------------------------------------------------------
+    def sample_grid(self, model: LabelConditionedUNet) -> None:
+        from torchvision.utils import save_image
+
+        from clevrgen.labels import multi_hot, shipped_split
+
+        scenes = [list(s) for s in shipped_split("new_test")[:16]]
+        labels = multi_hot(scenes).to(self.device)
+        s = self.cfg.sample
+        images = generate(model, sampling_scheduler(self.cfg.diffusion, s.sampler), labels, list(range(len(scenes))),
+                          s.steps, s.guidance, s.batch_size, self.cfg.model.image_size, self.amp_dtype, progress=False)
+        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        with atomic_path(path) as tmp:
+            save_image(images.float() / 255, tmp, nrow=8, format="png")
+
+    def evaluate(self) -> dict:
+        model = self.ema_model()
+        record = {"val_loss": held_out_loss(model, self.noise_scheduler, self.val_set, self.device, self.amp_dtype,
+                                            self.cfg.train.batch_size)} if len(self.val_set) else {}
+        if self.cfg.train.eval_images and len(self.val_set):
+            record.update(self.held_out_accuracy(model))
+        self.sample_grid(model)
+        return record
+
+    def held_out_accuracy(self, model) -> dict:
+        """Judge accuracy of samples for the held-out scenes' label sets."""
+        try:
+            from clevrgen.judge import judge_probs, load_judge, score_predictions
+            judge = load_judge(None, self.device)
+        except (ImportError, ClevrgenError):
+            return {}
+        labels = self.val_set.labels[: self.cfg.train.eval_images].to(self.device)
+        s = self.cfg.sample
+        images = generate(model, sampling_scheduler(self.cfg.diffusion, s.sampler), labels, list(range(len(labels))),
+                          s.steps, s.guidance, s.batch_size, self.cfg.model.image_size, self.amp_dtype, progress=False)
+        scores = score_predictions(judge_probs(judge, images), labels.cpu())
+        return {"val_topk_accuracy": scores["topk_accuracy"], "val_exact_accuracy": scores["exact_accuracy"]}
+
+    def plot_loss(self) -> None:
+        from clevrgen.report import plot_metrics
+
+        plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
+
+    # --- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> float:
+        x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen)
+        if self.cfg.train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss = diffusion_loss(self.forward, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.ema.step(self.model.parameters())
+        self.step += 1
+        return loss.item()
+
+    def run(self) -> TrainResult:
+        from rich.progress import TextColumn
+
+        from clevrgen.progress import make_progress
+
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+        metrics = self.run_dir / METRICS_FILE
+        loss = ips = float("nan")
+        val_loss = None
+        window_start, window_images, losses = time.perf_counter(), 0, []
+        bar = make_progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+                            enabled=self.progress)
+        try:
+            with bar:
+                task = bar.add_task("training", total=t.steps, completed=self.step, loss=float("nan"), ips=0.0)
+                while self.step < t.steps:
+                    loss = self.train_step()
+                    if not math.isfinite(loss):
+                        raise ClevrgenError(
+                            f"the loss became non-finite ({loss}) at step {self.step}; the last good checkpoint "
+                            f"in {self.run_dir} is kept. Try a lower train.lr or train.precision='fp32'."
+                        )
+                    losses.append(loss)
+                    window_images += t.batch_size
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        ips = window_images / (time.perf_counter() - window_start)
+                        record = {"step": self.step, "loss": sum(losses) / len(losses),
+                                  "lr": self.lr_schedule.get_last_lr()[0], "images_per_second": ips}
+                        if self.step % t.eval_every == 0 or self.step == t.steps:
+                            record.update(self.evaluate())
+                            val_loss = record.get("val_loss", val_loss)
+                        append_jsonl(metrics, record)
+                        window_start, window_images, losses = time.perf_counter(), 0, []
+                    if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                        self.save_checkpoint()
+                    bar.update(task, completed=self.step, loss=loss, ips=ips)
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise TrainingInterrupted(
+                f"interrupted at step {self.step}; checkpoint saved. Resume with: clevrgen train --resume {self.run_dir}"
+            ) from None
+        self.plot_loss()
+        return TrainResult(self.run_dir, self.step, loss, ips, val_loss)
+
+
+def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or, with ``resume``, continue) a run in ``run_dir``."""
+    if not resume and (run_dir / STATE_FILE).exists():
+        raise UsageError(f"{run_dir} already holds a training run: continue it with --resume {run_dir}, "
+                         "or choose another --out")
+    trainer = Trainer(cfg, run_dir, data, progress=progress)
+    if resume:
+        trainer.load_checkpoint()
+        drop_metrics_after(run_dir / METRICS_FILE, trainer.step)
+    return trainer.run()
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the records a killed run wrote after its last checkpoint: they are trained again."""
+    from clevrgen.report import read_metrics
+
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
