@@ -65,21 +65,27 @@ class SceneStyle:
     light_jitter: float = 1.0
     min_pixels: float = 11.0
     """Visible pixels each object must cover at 64x64 (re-drawn otherwise)."""
-    lamp_power: tuple[float, float, float] = (7.46, 2.15, 2.69)
-    sun_power: float = 0.103
+    lamp_power: tuple[float, float, float] = (7.49, 2.58, 4.31)
+    sun_power: float = 0.157
     bounce: float = 0.25
     """Light bounced from the floor onto objects, as a fraction of the floor's own light."""
     gloss: float = 0.06
-    penumbra: tuple[float, float] = (0.3, 0.3)
+    penumbra: tuple[float, float] = (0.4, 0.35)
     """Shadow softness: a constant blur plus a widening per unit distance to the occluder."""
     floor_albedo: float = 0.8
-    floor_ambient: float = 0.026
+    floor_scale: int = 2
+    """The floor and its shadows are shaded at 1/floor_scale of the output resolution."""
+    shadow_lights: tuple[int, ...] = (0, 2, 3)
+    """Lights whose shadows are drawn (key, fill, back lamps, sun): the dim fill's are skipped."""
+    contact: tuple[float, float] = (0.3, 0.4)
+    """Darkening of the floor right around an object (strength, reach): light it hides from all sides."""
+    floor_ambient: float = 0.0
     """Light on the floor from everywhere (bounces), in units of floor radiance."""
-    backdrop: tuple[float, float] = (4.5, 3.0)
+    backdrop: tuple[float, float] = (6.0, 1.5)
     """Where the floor starts curving up (distance behind the origin, away from the camera)
     and the radius of that curve."""
     exposure: float = 1.0
-    object_gain: float = 1.45
+    object_gain: float = 1.35
     """Extra light on objects: the bounces a one-bounce model misses (matched to real colors)."""
 
 
@@ -150,17 +156,18 @@ def _bound_radius(scenes: Scenes) -> torch.Tensor:
     return _half_width(scenes) * torch.where(scenes.shape == CUBE, math.sqrt(2.0), 1.0)
 
 
-def _hit_object(o, d, shape, cx, cy, half, height, yaw):
-    """Nearest hit t [P] (inf for a miss) and unit normal [P, 3] of each ray with one object each."""
-    ox, oy, oz = o[:, 0] - cx, o[:, 1] - cy, o[:, 2]
-    dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
-    # sphere (centre at height `half`)
-    sz = oz - half
+def _hit_sphere(ox, oy, oz, dx, dy, dz, half, height, yaw):
+    sz = oz - half  # centre at height `half`
     bq = ox * dx + oy * dy + sz * dz
     disc = bq * bq - (ox * ox + oy * oy + sz * sz - half * half)
-    t_sph = -bq - disc.clamp_min(0).sqrt()
-    t_sph = torch.where((disc > 0) & (t_sph > 1e-4), t_sph, _INF)
-    # upright cylinder: side and top cap
+    t = -bq - disc.clamp_min(0).sqrt()
+    t = torch.where((disc > 0) & (t > 1e-4), t, _INF)
+    tt = t.nan_to_num(0, 0, 0)
+    n = torch.stack([ox + tt * dx, oy + tt * dy, sz + tt * dz], -1) / half[:, None]
+    return t, n
+
+
+def _hit_cylinder(ox, oy, oz, dx, dy, dz, half, height, yaw):
     a = (dx * dx + dy * dy).clamp_min(1e-12)
     bq = ox * dx + oy * dy
     disc = bq * bq - a * (ox * ox + oy * oy - half * half)
@@ -170,8 +177,16 @@ def _hit_object(o, d, shape, cx, cy, half, height, yaw):
     t_cap = (height - oz) / torch.where(dz.abs() > 1e-9, dz, torch.full_like(dz, -1e-9))
     px, py = ox + t_cap * dx, oy + t_cap * dy
     t_cap = torch.where((t_cap > 1e-4) & (px * px + py * py <= half * half), t_cap, _INF)
-    t_cyl = torch.minimum(t_side, t_cap)
-    # yawed box, slab test in the box's own frame
+    on_cap = t_cap <= t_side
+    t = torch.where(on_cap, t_cap, t_side)
+    tt = t.nan_to_num(0, 0, 0)
+    side = torch.stack([(ox + tt * dx) / half, (oy + tt * dy) / half, torch.zeros_like(t)], -1)
+    n = torch.where(on_cap[:, None], torch.tensor([0.0, 0.0, 1.0], device=t.device), side)
+    return t, n
+
+
+def _hit_box(ox, oy, oz, dx, dy, dz, half, height, yaw):
+    """A cube of half-edge ``half`` yawed about z: the slab test in its own frame."""
     c, s = torch.cos(yaw), torch.sin(yaw)
     q = torch.stack([c * ox + s * oy, -s * ox + c * oy, oz - half], -1)
     e = torch.stack([c * dx + s * dy, -s * dx + c * dy, dz], -1)
@@ -179,19 +194,40 @@ def _hit_object(o, d, shape, cx, cy, half, height, yaw):
     t1, t2 = (-half[:, None] - q) / e, (half[:, None] - q) / e
     t_near, axis = torch.minimum(t1, t2).max(-1)
     t_far = torch.maximum(t1, t2).min(-1).values
-    t_box = torch.where((t_near < t_far) & (t_near > 1e-4), t_near, _INF)
-
-    t = torch.where(shape == SPHERE, t_sph, torch.where(shape == CYLINDER, t_cyl, t_box))
-    p = torch.stack([ox + t.nan_to_num(0, 0, 0) * dx, oy + t.nan_to_num(0, 0, 0) * dy,
-                     oz + t.nan_to_num(0, 0, 0) * dz], -1)
-    n_sph = torch.stack([p[:, 0], p[:, 1], p[:, 2] - half], -1) / half[:, None]
-    on_cap = t_cap <= t_side
-    n_cyl = torch.where(on_cap[:, None], torch.tensor([0.0, 0.0, 1.0], device=o.device),
-                        torch.stack([p[:, 0], p[:, 1], torch.zeros_like(t)], -1) / half[:, None])
+    t = torch.where((t_near < t_far) & (t_near > 1e-4), t_near, _INF)
     local = -torch.sign(e) * F.one_hot(axis, 3).to(e.dtype)
-    n_box = torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]], -1)
-    n = torch.where((shape == SPHERE)[:, None], n_sph, torch.where((shape == CYLINDER)[:, None], n_cyl, n_box))
+    n = torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]], -1)
     return t, n
+
+
+_HITS = {CUBE: _hit_box, SPHERE: _hit_sphere, CYLINDER: _hit_cylinder}
+
+
+def _nearest_hit(scenes: Scenes, b: torch.Tensor, o: torch.Tensor, d: torch.Tensor):
+    """(t [P], unit normal [P, 3], slot [P], -1 for none) of the nearest object along each ray.
+
+    Each ray is tested only against the shape that sits in each slot of its scene.
+    """
+    t_best = torch.full_like(d[:, 0], _INF)
+    n_best = torch.zeros_like(d)
+    k_best = torch.full_like(b, -1)
+    half, height = _half_width(scenes), _object_height(scenes)
+    for k in range(scenes.shape.shape[1]):
+        shape = torch.where(scenes.present[:, k], scenes.shape[:, k], -1)[b]
+        for kind, hit in _HITS.items():
+            idx = (shape == kind).nonzero().flatten()
+            if len(idx) == 0:
+                continue
+            bi = b[idx]
+            oi, di = o[idx], d[idx]
+            t, n = hit(oi[:, 0] - scenes.xy[bi, k, 0], oi[:, 1] - scenes.xy[bi, k, 1], oi[:, 2],
+                       di[:, 0], di[:, 1], di[:, 2], half[bi, k], height[bi, k], scenes.yaw[bi, k])
+            closer = t < t_best[idx]
+            idx, t, n = idx[closer], t[closer], n[closer]
+            t_best[idx] = t
+            n_best[idx] = n
+            k_best[idx] = k
+    return t_best, n_best, k_best
 
 
 def _occlusion(p, to_light, dist, shape, cx, cy, half, height, yaw, penumbra):
@@ -248,7 +284,9 @@ def _irradiance(p, n, lights):
             d2 = (l * l).sum(-1)
             dist = d2.sqrt()
             l = l / dist[:, None]
-            e = ((n * l).sum(-1).clamp_min(0) / d2)[:, None] * power
+            # an area lamp aimed at the origin: a flat emitter, dimmer away from its axis
+            aim = (l * F.normalize(pos, dim=-1)).sum(-1).clamp_min(0)
+            e = ((n * l).sum(-1).clamp_min(0) * aim / d2)[:, None] * power
         out.append((l, dist, e))
     return out
 
@@ -278,56 +316,44 @@ def _backdrop(o: torch.Tensor, d: torch.Tensor, backdrop: tuple[float, float]):
     return p, n
 
 
-def _shade(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, objects: bool | str = True):
-    """Linear rgb [P, 3] of rays from the camera of scene b along d; and the object id hit (-1: floor).
-
-    ``objects``: True for everything, "shadows" for the floor with shadows, False for the bare floor.
-    """
-    with_objects = objects is not False
+def _floor(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, shadows: bool) -> torch.Tensor:
+    """Linear rgb [P, 3] of the floor and backdrop seen along d from the camera of scene b."""
     st = scenes.style
-    o = scenes.camera[b]
-    lights = _lights(scenes, b)
-    p_f, n_f = _backdrop(o, d, st.backdrop)
-    floor = torch.zeros_like(p_f)
-    irr = _irradiance(p_f, n_f, lights)
-    if with_objects:
-        K = scenes.shape.shape[1]
+    p, n = _backdrop(scenes.camera[b], d, st.backdrop)
+    if shadows:
         present = scenes.present[b]
         prim = dict(shape=scenes.shape[b], cx=scenes.xy[b, :, 0], cy=scenes.xy[b, :, 1], half=_half_width(scenes)[b],
                     height=_object_height(scenes)[b], yaw=scenes.yaw[b])
-        t_best = torch.full_like(d[:, 0], _INF)
-        n_best = torch.zeros_like(d)
-        k_best = torch.full_like(b, -1)
-        for k in range(K if objects is True else 0):
-            t, n = _hit_object(o, d, **{key: v[:, k] for key, v in prim.items()})
-            closer = present[:, k] & (t < t_best)
-            t_best = torch.where(closer, t, t_best)
-            n_best = torch.where(closer[:, None], n, n_best)
-            k_best = torch.where(closer, k, k_best)
-    for l, dist, e in irr:
-        if with_objects:
+    floor = torch.zeros_like(p)
+    for i, (l, dist, e) in enumerate(_irradiance(p, n, _lights(scenes, b))):
+        if shadows and i in st.shadow_lights:
             lit = torch.ones_like(dist)
-            for k in range(K):
-                occ = _occlusion(p_f, l, dist, penumbra=st.penumbra, **{key: v[:, k] for key, v in prim.items()})
+            for k in range(scenes.shape.shape[1]):
+                occ = _occlusion(p, l, dist, penumbra=st.penumbra, **{key: v[:, k] for key, v in prim.items()})
                 lit = lit * (1 - occ * present[:, k])
             e = e * lit[:, None]
         floor = floor + e
     floor = floor * st.floor_albedo + st.floor_ambient
-    if objects is not True:
-        return floor, None
-    hit = k_best >= 0
-    if not bool(hit.any()):
-        return floor, k_best
-    idx = hit.nonzero().flatten()
-    kb = k_best[idx]
-    p = o[idx] + t_best[idx, None] * d[idx]
-    n = n_best[idx]
-    view = -d[idx]
-    albedo = ALBEDO.to(d.device)[scenes.color[b[idx], kb]]
-    metal = scenes.metal[b[idx], kb][:, None]
+    if shadows:  # contact shadows: the floor right around an object sees less of every light
+        for k in range(scenes.shape.shape[1]):
+            gap = ((p[:, 0] - prim["cx"][:, k]) ** 2 + (p[:, 1] - prim["cy"][:, k]) ** 2).sqrt() - prim["half"][:, k]
+            near = st.contact[0] * torch.exp(-gap.clamp_min(0) / st.contact[1]) * present[:, k]
+            floor = floor * (1 - near)[:, None]
+    return floor
+
+
+def _object_color(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, t: torch.Tensor, n: torch.Tensor,
+                  k: torch.Tensor) -> torch.Tensor:
+    """Linear rgb [P, 3] of object k of scene b hit at distance t along d, with normal n."""
+    st = scenes.style
+    lights = _lights(scenes, b)
+    p = scenes.camera[b] + t[:, None] * d
+    view = -d
+    albedo = ALBEDO.to(d.device)[scenes.color[b, k]]
+    metal = scenes.metal[b, k][:, None]
     diffuse = torch.zeros_like(p)
     spec = torch.zeros_like(p)
-    for l, dist, e in _irradiance(p, n, [(pos[idx] if pos is not None else None, s, pw) for pos, s, pw in lights]):
+    for l, dist, e in _irradiance(p, n, lights):
         h = F.normalize(l + view, dim=-1)
         diffuse = diffuse + e
         spec = spec + e * (n * h).sum(-1).clamp_min(0).pow(30)[:, None]
@@ -335,16 +361,13 @@ def _shade(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, objects: bool | str
     below = p * torch.tensor([1.0, 1.0, 0.0], device=p.device)
     up = torch.zeros_like(n)
     up[:, 2] = 1.0
-    floor_light = sum(e for _, _, e in _irradiance(below, up, [(pos[idx] if pos is not None else None, s, pw)
-                                                              for pos, s, pw in lights]))
+    floor_light = sum(e for _, _, e in _irradiance(below, up, lights))
     ambient = st.bounce * (1 - n[:, 2:3]) * 0.5 * (floor_light * st.floor_albedo + st.floor_ambient)
     rubber = albedo * (diffuse + ambient) + st.gloss * spec
     # metal: a tinted mirror of a mid-gray world, with sharp tinted highlights
     env = torch.where(n[:, 2:3] > 0, 0.12, 0.06) * (1 + (n * view).sum(-1, keepdim=True))
-    shiny = albedo * (env + 0.15 * ambient + 6.0 * spec.pow(1.0)) + 0.03 * diffuse
-    color = torch.where(metal, shiny, rubber) * st.object_gain
-    floor[idx] = color
-    return floor, k_best
+    shiny = albedo * (env + 0.15 * ambient + 6.0 * spec) + 0.03 * diffuse
+    return torch.where(metal, shiny, rubber) * st.object_gain
 
 
 # ---------------------------------------------------------------- rendering
@@ -420,28 +443,25 @@ def render_scenes(scenes: Scenes, shown: torch.Tensor | None = None, size: int =
         scenes = replace(scenes, present=scenes.present & shown)
     B = len(scenes)
     device = scenes.shape.device
-    # the empty floor is smooth: shade it once per output pixel
-    b, y, x = _dense_rays(B, size, size, device)
-    floor, _ = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, size, size), objects=False)
-    image = floor.view(B, size, size, 3)
-    # soft shadows are smooth too: output resolution, only where some object may cast one
-    b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=True), size, size)
+    # the floor and the soft shadows on it are smooth: shade them at a lower resolution,
+    # the shadows only where some object may cast one
+    low = max(size // scenes.style.floor_scale, 1)
+    b, y, x = _dense_rays(B, low, low, device)
+    floor = _floor(scenes, b, _ray_dirs(scenes.camera, b, y, x, low, low), shadows=False).view(B, low, low, 3)
+    b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=True), low, low)
     if len(b):
-        image[b, y, x], _ = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, size, size), objects="shadows")
-    # the objects themselves, supersampled, only inside their own boxes
-    image = image.permute(0, 3, 1, 2)
-    if supersample > 1:
-        grid = size * supersample
-        image = F.interpolate(image, scale_factor=supersample, mode="bilinear", align_corners=False)
-        b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=False), grid, grid)
-        if len(b):
-            color, _ = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, grid, grid))
-            image[b, :, y, x] = color
-        image = F.avg_pool2d(image, supersample)
-    else:
-        b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=False), size, size)
-        if len(b):
-            image[b, :, y, x], _ = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, size, size))
+        floor[b, y, x] = _floor(scenes, b, _ray_dirs(scenes.camera, b, y, x, low, low), shadows=True)
+    grid = size * supersample
+    image = F.interpolate(floor.permute(0, 3, 1, 2), size=(grid, grid), mode="bilinear", align_corners=False)
+    # the objects, supersampled, only inside their own boxes and only where a ray hits one
+    b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=False), grid, grid)
+    d = _ray_dirs(scenes.camera, b, y, x, grid, grid)
+    t, n, k = _nearest_hit(scenes, b, scenes.camera[b], d)
+    hit = (k >= 0).nonzero().flatten()
+    if len(hit):
+        b, y, x = b[hit], y[hit], x[hit]
+        image[b, :, y, x] = _object_color(scenes, b, d[hit], t[hit], n[hit], k[hit])
+    image = F.avg_pool2d(image, supersample) if supersample > 1 else image
     srgb = _to_srgb(image * scenes.style.exposure)
     return (srgb * 255).round().to(torch.uint8)
 
@@ -452,7 +472,7 @@ def object_pixels(scenes: Scenes, size: int = IMAGE_SIZE) -> torch.Tensor:
     b, y, x = _box_rays(scenes, _screen_boxes(scenes, shadows=False), size, size)
     counts = torch.zeros(B, K + 1, device=scenes.shape.device)
     if len(b):
-        _, k = _shade(scenes, b, _ray_dirs(scenes.camera, b, y, x, size, size))
+        _, _, k = _nearest_hit(scenes, b, scenes.camera[b], _ray_dirs(scenes.camera, b, y, x, size, size))
         counts.index_put_((b, k + 1), torch.ones_like(k, dtype=counts.dtype), accumulate=True)
     return counts[:, 1:]
 
