@@ -1,0 +1,168 @@
+"""The model/scheduler core and the four commands, end to end, with a tiny UNet on the CPU."""
+
+import json
+
+import pytest
+import torch
+
+from clevrgen.cli import app
+from clevrgen.config import load_config
+from clevrgen.data.iclevr import load_iclevr
+from clevrgen.diffusion import sample, sampling_scheduler
+from clevrgen.labels import multi_hot
+from clevrgen.model import build_model, load_artifact
+from clevrgen.train import Trainer, train
+
+from conftest import TINY
+
+
+def tiny_config(*extra):
+    return load_config(None, [*TINY, *extra])
+
+
+@pytest.fixture
+def trained_run(tmp_path, dataset):
+    """A run folder after 4 training steps."""
+    cfg = tiny_config("train.steps=4")
+    train(cfg, tmp_path / "run", load_iclevr(dataset, progress=False), progress=False)
+    return tmp_path / "run"
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(dataset):
+    cfg = tiny_config("train.label_dropout=0", "train.hflip=false")
+    trainer = Trainer(cfg, None, load_iclevr(dataset, progress=False), progress=False)
+    x0, labels = trainer.images[:4].float() / 127.5 - 1, trainer.labels[:4]
+    from clevrgen.train import diffusion_loss
+
+    def fixed_loss():
+        with torch.no_grad():
+            return diffusion_loss(trainer.model, trainer.noise_scheduler, x0, labels,
+                                  torch.Generator().manual_seed(0), None).item()
+
+    before = fixed_loss()
+    for _ in range(30):
+        loss = diffusion_loss(trainer.model, trainer.noise_scheduler, x0, labels, torch.Generator().manual_seed(0), None)
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+    assert fixed_loss() < 0.7 * before
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_samples_do_not_depend_on_the_batch(sampler):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    labels = multi_hot([["red sphere"], ["cyan cube", "gray cylinder"], ["blue cube"]])
+    sched = sampling_scheduler(cfg.diffusion, sampler)
+    together = sample(model, sched, labels, [7, 8, 9], steps=3, guidance=2.0)
+    alone = sample(model, sampling_scheduler(cfg.diffusion, sampler), labels[1:2], [8], steps=3, guidance=2.0)
+    assert together.shape == (3, 3, 64, 64)
+    torch.testing.assert_close(together[1:2], alone, atol=1e-4, rtol=0)
+
+
+def test_step_callback_sees_noise_then_every_step():
+    cfg = tiny_config()
+    model = build_model(cfg.model).eval()
+    seen = []
+    final = sample(model, sampling_scheduler(cfg.diffusion, "ddim"), multi_hot([["red cube"]]), [0], steps=4,
+                   callback=lambda step, total, x: seen.append((step, x.clone())))
+    assert [s for s, _ in seen] == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(seen[-1][1].clamp(-1, 1), final)
+
+
+def test_run_folder_and_artifact(trained_run):
+    for name in ("config.toml", "metrics.jsonl", "loss.png", "state.pt", "unet/config.json",
+                 "unet/diffusion_pytorch_model.safetensors", "label_proj.safetensors",
+                 "scheduler/scheduler_config.json"):
+        assert (trained_run / name).is_file(), name
+    assert list((trained_run / "samples").glob("step_*.png"))
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"loss", "lr", "images_per_second"} <= set(records[0]) and "val_loss" in records[-1]
+    from diffusers import UNet2DModel
+
+    UNet2DModel.from_pretrained(trained_run / "unet")
+
+
+def test_save_then_load_gives_identical_samples(tmp_path, dataset):
+    cfg = tiny_config("train.steps=2")
+    trainer = Trainer(cfg, tmp_path / "run", load_iclevr(dataset, progress=False), progress=False)
+    trainer.run()
+    ema = trainer.ema_model()
+    loaded, loaded_cfg = load_artifact(tmp_path / "run")
+    assert loaded_cfg == cfg
+    labels = multi_hot([["red sphere", "cyan cube"]])
+    a = sample(ema, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=3, guidance=1.5)
+    b = sample(loaded, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=3, guidance=1.5)
+    assert torch.equal(a, b)
+
+
+def test_resume_continues_from_the_saved_step(tmp_path, dataset):
+    data = load_iclevr(dataset, progress=False)
+    straight = train(tiny_config("train.steps=4"), tmp_path / "a", data, progress=False)
+    train(tiny_config("train.steps=2"), tmp_path / "b", data, progress=False)
+    resumed = train(tiny_config("train.steps=4"), tmp_path / "b", data, resume=True, progress=False)
+    assert resumed.step == 4
+    trace = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert trace(tmp_path / "a") == trace(tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_command_and_refusing_to_overwrite(runner, dataset, tmp_path):
+    args = ["train", "--out", str(tmp_path / "run"), "--set", f"data.path='{dataset}'", "--set", "train.steps=2"]
+    args += [x for s in TINY for x in ("--set", s)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "done" in result.output and (tmp_path / "run" / "unet").is_dir()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "3 steps" in resumed.output
+
+
+def test_sample_command(runner, trained_run, tmp_path):
+    out = tmp_path / "out.png"
+    result = runner.invoke(app, ["sample", "red sphere", "Cyan Cube", "-o", str(out), "--checkpoint", str(trained_run),
+                                 "--num", "3", "--steps", "2", "--sampler", "ddim", "--guidance", "2"])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(out).size == (3 * 66 + 2, 66 + 2)
+
+
+def test_sample_rejects_a_bad_sampler(runner, trained_run):
+    result = runner.invoke(app, ["sample", "red sphere", "--checkpoint", str(trained_run), "--sampler", "euler"])
+    assert result.exit_code == 2 and "sample.sampler" in result.output
+
+
+def test_denoise_strip_command(runner, trained_run, tmp_path):
+    out = tmp_path / "strip.png"
+    labels = tmp_path / "scenes.json"
+    labels.write_text('[["red sphere", "cyan cylinder", "cyan cube"], ["gray cube"]]')
+    result = runner.invoke(app, ["denoise-strip", "--labels", str(labels), "-o", str(out), "--frames", "4",
+                                 "--steps", "6", "--checkpoint", str(trained_run)])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(out).size == (4 * 66 + 2, 2 * 66 + 2)
+
+
+def test_evaluate_command_with_a_course_format_judge(runner, trained_run, tmp_path):
+    from clevrgen.judge import build_judge
+
+    course = tmp_path / "classifier_weight.pth"
+    torch.save({"model": build_judge().state_dict()}, course)
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["evaluate", "--split", "test", "--checkpoint", str(trained_run), "--evaluator",
+                                 str(course), "--steps", "2", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["split"] == "test" and summary["n_images"] == 32
+    assert 0 <= summary["topk_accuracy"] <= 1 and 0 <= summary["exact_accuracy"] <= 1 and summary["seconds"] > 0
+    assert (out / "grid.png").is_file() and (out / "results.json").is_file()
+    assert len(list((out / "iclevr").glob("*.png"))) == 32
+    assert len(json.loads((out / "train.json").read_text())) == 32
