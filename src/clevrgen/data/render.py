@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,8 @@ class SceneStyle:
     """Where the floor starts curving up (distance behind the origin, away from the camera)
     and the radius of that curve."""
     exposure: float = 1.0
+    noise: float = 1.3
+    """Render grain, std in 0-255 levels (measured on the real images' flat floor)."""
     object_gain: float = 1.35
     """Extra light on objects: the bounces a one-bounce model misses (matched to real colors)."""
 
@@ -102,6 +105,7 @@ class Scenes:
     present: torch.Tensor  # [B, K] bool
     camera: torch.Tensor  # [B, 3]
     lamps: torch.Tensor  # [B, 3, 3]
+    seed: torch.Tensor  # [B] int64, for the grain
     style: SceneStyle = field(default_factory=SceneStyle)
 
     def __len__(self) -> int:
@@ -114,7 +118,7 @@ class Scenes:
         return replace(self, **{k: getattr(self, k)[rows] for k in _TENSOR_FIELDS})
 
 
-_TENSOR_FIELDS = ("shape", "color", "xy", "size", "yaw", "metal", "present", "camera", "lamps")
+_TENSOR_FIELDS = ("shape", "color", "xy", "size", "yaw", "metal", "present", "camera", "lamps", "seed")
 
 
 # ---------------------------------------------------------------- geometry
@@ -462,8 +466,29 @@ def render_scenes(scenes: Scenes, shown: torch.Tensor | None = None, size: int =
         b, y, x = b[hit], y[hit], x[hit]
         image[b, :, y, x] = _object_color(scenes, b, d[hit], t[hit], n[hit], k[hit])
     image = F.avg_pool2d(image, supersample) if supersample > 1 else image
-    srgb = _to_srgb(image * scenes.style.exposure)
-    return (srgb * 255).round().to(torch.uint8)
+    srgb = _to_srgb(image * scenes.style.exposure) * 255
+    if scenes.style.noise > 0:
+        srgb = srgb + scenes.style.noise * _grain(scenes.seed * (MAX_OBJECTS + 1) + scenes.present.sum(1), srgb.shape)
+    return srgb.round().clamp(0, 255).to(torch.uint8)
+
+
+@lru_cache(maxsize=4)
+def _grain_table(device: torch.device, size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(20171231)
+    return torch.randn(64, 3, size, size, generator=g).to(device)
+
+
+def _grain(seed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Unit-variance noise [B, C, H, W] that depends only on each image's seed: one of 64 fixed
+    noise images, shifted by a seed-chosen offset."""
+    table = _grain_table(seed.device, shape[-1])
+    size = shape[-1]
+    pick, dy, dx = seed % 64, (seed // 64) % size, (seed // (64 * size)) % size
+    ar = torch.arange(size, device=seed.device)
+    ys = (ar + dy[:, None]) % size
+    xs = (ar + dx[:, None]) % size
+    return table[pick[:, None, None, None], torch.arange(3, device=seed.device)[None, :, None, None],
+                 ys[:, None, :, None], xs[:, None, None, :]]
 
 
 def object_pixels(scenes: Scenes, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -516,7 +541,8 @@ def sample_scenes(classes: Sequence[Sequence[int]], keys: Sequence[str], seed: i
         size=sizes[(u_size * len(sizes)).long().clamp_max(len(sizes) - 1)],
         yaw=u_yaw * 2 * math.pi, metal=u_metal < style.metal_probability, present=present,
         camera=torch.tensor(CAMERA) + (u_cam * 2 - 1) * style.camera_jitter,
-        lamps=torch.tensor(LAMPS) + (u_lamp.view(B, 3, 3) * 2 - 1) * style.light_jitter, style=style,
+        lamps=torch.tensor(LAMPS) + (u_lamp.view(B, 3, 3) * 2 - 1) * style.light_jitter,
+        seed=torch.tensor([_scene_seed(seed, key) & 0xFFFFFF for key in keys]), style=style,
     ).to(device)
     u_xy = u_xy.view(B, ATTEMPTS, K, CANDIDATES, 2).to(device)
     todo = torch.arange(B, device=device)
