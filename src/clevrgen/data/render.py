@@ -74,6 +74,8 @@ class SceneStyle:
     penumbra: tuple[float, float] = (0.4, 0.35)
     """Shadow softness: a constant blur plus a widening per unit distance to the occluder."""
     floor_albedo: float = 0.8
+    wall_light: float = 0.06
+    """Extra light on the upright part of the backdrop (matched to the real images' top rows)."""
     floor_scale: int = 2
     """The floor and its shadows are shaded at 1/floor_scale of the output resolution."""
     shadow_lights: tuple[int, ...] = (0, 2, 3)
@@ -337,7 +339,8 @@ def _floor(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, shadows: bool) -> t
                 lit = lit * (1 - occ * present[:, k])
             e = e * lit[:, None]
         floor = floor + e
-    floor = floor * st.floor_albedo + st.floor_ambient
+    # the far wall of the backdrop is brighter and flatter than the lamps alone make it
+    floor = floor * st.floor_albedo + st.floor_ambient + st.wall_light * (1 - n[:, 2:3])
     if shadows:  # contact shadows: the floor right around an object sees less of every light
         for k in range(scenes.shape.shape[1]):
             gap = ((p[:, 0] - prim["cx"][:, k]) ** 2 + (p[:, 1] - prim["cy"][:, k]) ** 2).sqrt() - prim["half"][:, k]
