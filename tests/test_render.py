@@ -54,7 +54,7 @@ def test_objects_rest_apart_and_each_is_visible():
     pixels = R.object_pixels(scenes)
     assert bool((pixels >= scenes.style.min_pixels).all())
     gaps = (scenes.xy[:, :, None] - scenes.xy[:, None]).norm(dim=-1)
-    radius = R._bound_radius(scenes)
+    radius = R.bound_radius(scenes)
     clearance = gaps - radius[:, :, None] - radius[:, None]
     off_diagonal = ~torch.eye(5, dtype=torch.bool)
     assert bool((clearance[:, off_diagonal] >= scenes.style.gap - 1e-5).all())
