@@ -42,10 +42,11 @@ def test_same_seed_same_images_other_seed_other_images(rendered):
     assert not torch.equal(other.images, rendered.images)
 
 
-def test_a_scene_does_not_depend_on_its_batch():
+def test_a_scene_does_not_depend_on_its_batch(rendered):
     alone = R.render_dataset({"lone.png": SPEC["lone.png"]}, seed=3, progress=False)
-    together = R.render_dataset(SPEC, seed=3, progress=False)
-    assert torch.equal(alone.images[0], together.images[-1])
+    assert torch.equal(alone.images[0], rendered.images[-1])
+    sequence = {k: v for k, v in SPEC.items() if k != "lone.png"}  # 3 object slots, not 5
+    assert torch.equal(R.render_dataset(sequence, seed=3, progress=False).images, rendered.images[:3])
 
 
 def test_objects_rest_apart_and_each_is_visible():
@@ -83,6 +84,15 @@ def test_written_folder_reads_back(tmp_path, rendered, monkeypatch):
     assert [f["phrase"] for f in scenes["CLEVR_train_000001_1.png"]] == SPEC["CLEVR_train_000001_1.png"]
     again = R.render_folder(tmp_path / "out", SPEC, seed=3, progress=False)  # resumes: nothing to do
     assert again == {"rendered": 0, "kept": 4}
+    # a run killed midway: its journal holds what was written, one PNG of a sequence is missing
+    out = tmp_path / "out"
+    (out / "scenes.jsonl").write_text(json.dumps(scenes) + "\n")
+    (out / "scenes.json").unlink()
+    (out / "iclevr" / "CLEVR_train_000001_2.png").unlink()
+    resumed = R.render_folder(out, SPEC, seed=3, progress=False)
+    assert resumed == {"rendered": 3, "kept": 1}  # the whole sequence, so it stays one scene
+    assert torch.equal(load_iclevr(out, progress=False).images, rendered.images)
+    assert json.loads((out / "scenes.json").read_text()) == scenes and not (out / "scenes.jsonl").exists()
 
 
 def test_cache_only_folder_reads_back_without_pngs(tmp_path, rendered, monkeypatch):

@@ -44,12 +44,14 @@ def sample_scenes(classes: Sequence[Sequence[int]], keys: Sequence[str], seed: i
     B, K = len(classes), max(len(c) for c in classes)
     if K > MAX_OBJECTS:
         raise PhraseError(f"at most {MAX_OBJECTS} objects per scene (got {K})")
-    per_scene = 3 * K + 3 + 9 + ATTEMPTS * K * CANDIDATES * 2
+    # every scene draws the same amount of noise, for MAX_OBJECTS slots, whatever the batch
+    M = MAX_OBJECTS
+    per_scene = 3 * M + 3 + 9 + ATTEMPTS * M * CANDIDATES * 2
     noise = torch.empty(B, per_scene)
     for i, key in enumerate(keys):
         torch.rand(per_scene, generator=torch.Generator().manual_seed(_scene_seed(seed, key)), out=noise[i])
-    it = iter(torch.split(noise, [K, K, K, 3, 9, ATTEMPTS * K * CANDIDATES * 2], dim=1))
-    u_yaw, u_size, u_metal, u_cam, u_lamp, u_xy = it
+    u_yaw, u_size, u_metal, u_cam, u_lamp, u_xy = torch.split(noise, [M, M, M, 3, 9, ATTEMPTS * M * CANDIDATES * 2], 1)
+    u_yaw, u_size, u_metal = u_yaw[:, :K], u_size[:, :K], u_metal[:, :K]
     shape = torch.zeros(B, K, dtype=torch.long)
     color = torch.zeros(B, K, dtype=torch.long)
     present = torch.zeros(B, K, dtype=torch.bool)
@@ -67,7 +69,7 @@ def sample_scenes(classes: Sequence[Sequence[int]], keys: Sequence[str], seed: i
         lamps=torch.tensor(LAMPS) + (u_lamp.view(B, 3, 3) * 2 - 1) * style.light_jitter,
         seed=torch.tensor([_scene_seed(seed, key) & 0xFFFFFF for key in keys]), style=style,
     ).to(device)
-    u_xy = u_xy.view(B, ATTEMPTS, K, CANDIDATES, 2).to(device)
+    u_xy = u_xy.reshape(B, ATTEMPTS, M, CANDIDATES, 2)[:, :, :K].to(device)
     todo = torch.arange(B, device=device)
     radius = bound_radius(scenes)
     for attempt in range(ATTEMPTS):
@@ -222,9 +224,11 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     the reader's uint8 cache (cache or both), so ``load_iclevr(out)`` reads it back.
 
     An interrupted run resumes: PNGs already written (each written atomically) are kept, their
-    objects read back from ``scenes.jsonl``. Returns counts of rendered and kept images.
+    objects read back from ``scenes.jsonl``; a scene missing any image is rendered again whole.
+    Returns the counts of images rendered and kept.
     """
     import json
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
     import numpy as np
@@ -254,20 +258,25 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
     kept = {n for n in spec if n in facts and (out / "iclevr" / n).is_file()} if pngs else set()
+    rendered = 0
     images: dict[str, torch.Tensor] = {}
-    with open(journal, "a") if pngs else _nullfile() as log:
+
+    def write_png(name: str, image: torch.Tensor) -> None:
+        with atomic_path(out / "iclevr" / name) as tmp:
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+
+    with open(journal, "a") if pngs else _nullfile() as log, ThreadPoolExecutor(4) as pool:
         batches = iter_render(spec, seed, device, style=style, skip=kept)
         for names, batch, batch_facts in _tracked(batches, len(spec), progress, done=len(kept)):
             if fmt != "png":
                 images.update(zip(names, batch))
             if pngs:
-                for name, image in zip(names, batch):
-                    with atomic_path(out / "iclevr" / name) as tmp:
-                        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+                list(pool.map(write_png, names, batch))
                 log.write(json.dumps(dict(zip(names, batch_facts))) + "\n")
                 log.flush()
             facts.update(zip(names, batch_facts))
-    atomic_write_text(out / "scenes.json", json.dumps({n: facts[n] for n in spec}, indent=1))
+            rendered += len(names)
+    atomic_write_text(out / "scenes.json", json.dumps({n: facts[n] for n in spec}))
     if fmt != "png":
         for name in kept:
             images[name] = torch.from_numpy(np.ascontiguousarray(decode_image(out / "iclevr" / name)))
@@ -277,7 +286,9 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
         save_cache(cache_path(out), data, fingerprint_of(out))
     if pngs:
         journal.unlink(missing_ok=True)
-    return {"rendered": len(spec) - len(kept), "kept": len(kept)}
+    if fmt == "png":  # a cache of an earlier render of this folder would be stale now
+        cache_path(out).unlink(missing_ok=True)
+    return {"rendered": rendered, "kept": len(spec) - rendered}
 
 
 class _nullfile:
