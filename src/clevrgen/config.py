@@ -46,7 +46,9 @@ class ModelConfig(Section):
     attention_head_dim: int = Field(8, ge=1)
     norm_num_groups: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    image_size: int = Field(64, ge=8)
+    image_size: int = Field(64, ge=8, le=64)
+    """The resolution the UNet works at; below 64 the data is downsampled and samples are
+    upsampled back to 64x64 (a cheap CPU setting)."""
 
     @field_validator("block_out_channels")
     @classmethod
@@ -142,6 +144,9 @@ class JudgeConfig(Section):
     """Brightness and contrast jitter, the same on all channels (no hue shift)."""
     precision: Precision = "auto"
     channels_last: bool = False
+    minutes: float | None = Field(None, gt=0.0)
+    """A wall-clock budget: the LR schedule runs over this time instead of over ``epochs``
+    (which then only caps training). For shared machines whose speed is unknown up front."""
 
 
 class Config(Section):

@@ -104,8 +104,9 @@ def generate(
     progress: bool = True,
     description: str = "sampling",
 ) -> torch.Tensor:
-    """:func:`sample` over any number of images in batches, with a progress bar; uint8 on the CPU."""
-    from clevrgen.data.iclevr import to_uint8
+    """:func:`sample` over any number of images in batches, with a progress bar: uint8 64x64 images
+    on the CPU (a model trained at a lower ``image_size`` is upsampled)."""
+    from clevrgen.data.iclevr import IMAGE_SIZE, resize_images, to_uint8
     from clevrgen.progress import make_progress
 
     out = []
@@ -117,5 +118,5 @@ def generate(
                 model, scheduler, labels[batch], seeds[batch], steps, guidance, image_size,
                 autocast_dtype, callback=lambda i, n, x: i and bar.advance(task, x.shape[0]),
             )
-            out.append(to_uint8(images).cpu())
+            out.append(resize_images(to_uint8(images).cpu(), IMAGE_SIZE))
     return torch.cat(out)

@@ -52,7 +52,7 @@ class ScenePipeline:
     def trajectory(self, scenes: Sequence[Sequence[str]], seeds: Sequence[int], frames: int) -> torch.Tensor:
         """uint8 [N, frames, 3, H, W]: each image at evenly spaced steps from noise to the end,
         taken by the sampler's step callback."""
-        from clevrgen.data.iclevr import to_uint8
+        from clevrgen.data.iclevr import IMAGE_SIZE, resize_images, to_uint8
 
         s = self.config.sample
         wanted = {round(k * s.steps / (frames - 1)) for k in range(frames)} if frames > 1 else {s.steps}
@@ -60,7 +60,7 @@ class ScenePipeline:
 
         def keep(step: int, total: int, x: torch.Tensor) -> None:
             if step in wanted:
-                taken.append(to_uint8(x.clamp(-1, 1)).cpu())
+                taken.append(resize_images(to_uint8(x.clamp(-1, 1)).cpu(), IMAGE_SIZE))
 
         callback: StepCallback = keep
         sample(self.model, self.scheduler(), self.labels(scenes), list(seeds), s.steps, s.guidance,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clevrgen.config import Config, to_toml
-from clevrgen.data.iclevr import ImageSet, split_scenes, to_float
+from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
 from clevrgen.errors import CheckpointError, ClevrgenError, UsageError
 from clevrgen.model import LabelConditionedUNet, build_model, save_artifact
@@ -71,10 +71,10 @@ def diffusion_loss(model, noise_scheduler, x0, labels, gen, amp_dtype) -> torch.
 
 
 @torch.no_grad()
-def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int) -> float:
+def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int, size: int) -> float:
     """Mean loss over (up to 512 of) the held-out images, with fixed noise: comparable over time."""
     gen = torch.Generator(device).manual_seed(1234)
-    images, labels = val.images[:512].to(device), val.labels[:512].to(device)
+    images, labels = resize_images(val.images[:512], size).to(device), val.labels[:512].to(device)
     total = 0.0
     for start in range(0, len(images), batch_size):
         x0 = to_float(images[start:start + batch_size])
@@ -94,7 +94,8 @@ class Trainer:
         if cfg.train.batch_size > len(data):
             raise UsageError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(data)} training images")
         self.train_set, self.val_set = split_scenes(data, cfg.data.val_fraction, cfg.data.split_seed)
-        self.images = self.train_set.images.to(self.device)
+        # A model may work at a lower resolution than the 64x64 data (cheap CPU configs).
+        self.images = resize_images(self.train_set.images, cfg.model.image_size).to(self.device)
         self.labels = self.train_set.labels.to(self.device)
 
         torch.manual_seed(cfg.train.seed)
@@ -166,8 +167,10 @@ class Trainer:
 
     def evaluate(self) -> dict:
         model = self.ema_model()
-        record = {"val_loss": held_out_loss(model, self.noise_scheduler, self.val_set, self.device, self.amp_dtype,
-                                            self.cfg.train.batch_size)} if len(self.val_set) else {}
+        record = {}
+        if len(self.val_set):
+            record["val_loss"] = held_out_loss(model, self.noise_scheduler, self.val_set, self.device, self.amp_dtype,
+                                               self.cfg.train.batch_size, self.cfg.model.image_size)
         if self.cfg.train.eval_images and len(self.val_set):
             record.update(self.held_out_accuracy(model))
         self.sample_grid(model)

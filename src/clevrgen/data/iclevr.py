@@ -57,6 +57,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> uint8 [N, 3, size, size]: area averaging down, bilinear up."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    import torch.nn.functional as F
+
+    mode = "area" if size < images.shape[-1] else "bilinear"
+    out = F.interpolate(images.float(), size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def scene_key(name: str) -> str:
     """``CLEVR_train_000123_2.png`` -> ``CLEVR_train_000123``; any other name is its own scene."""
     match = _SEQUENCE.match(name)
