@@ -233,6 +233,10 @@ def test_evaluator_train_score_export(tmp_path, cli):
     result = cli("score", data, "--evaluator", out)
     assert result.exit_code == 0 and "top-k" in result.stdout
 
+    result = cli("score", data, "--evaluator", out, "--heldout", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_images"] == 2  # the one held-out scene of four
+
     pth = tmp_path / "course.pth"
     assert cli("export", "--out", pth, "--evaluator", out).exit_code == 0
     assert cli("score", data, "--evaluator", pth, "--json").stdout == result_json(cli, data, out)
@@ -252,7 +256,27 @@ def test_evaluator_score_refuses_bad_checkpoint(tmp_path, cli):
     data = write_folder(tmp_path / "data", n_scenes=1)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"junk")
+    course = tmp_path / "course.pth"
+    torch.save({"model": build_judge().state_dict()}, course)
+    result = cli("score", data, "--evaluator", course, "--heldout")
+    assert result.exit_code == 2 and "records its split" in result.output
     result = cli("score", data, "--evaluator", junk)
     assert result.exit_code == 1
     assert "error: " in result.output and "not a readable torch checkpoint" in result.output
     assert "Traceback" not in result.output
+
+
+def test_lr_schedule_shape():
+    from clevrgen.judge import lr_factor
+
+    assert lr_factor(0.0) == pytest.approx(0.04)
+    assert lr_factor(0.1) == pytest.approx(1.0)
+    assert lr_factor(0.55) == pytest.approx(0.5)
+    assert lr_factor(1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_shipped_judge_config_validates():
+    from clevrgen.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "judge.toml")
+    assert cfg.judge.precision == "bf16" and cfg.judge.minutes

@@ -292,6 +292,14 @@ def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     return b is None or key(a) > key(b)
 
 
+def lr_factor(fraction: float, warmup: float = 0.1) -> float:
+    """The learning-rate multiplier at ``fraction`` of training: linear warmup from 1/25, then
+    cosine decay to zero (a one-cycle shape)."""
+    if fraction < warmup:
+        return 0.04 + 0.96 * fraction / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (fraction - warmup) / (1 - warmup))))
+
+
 def train_judge(
     train: ImageSet,
     val: ImageSet,
@@ -299,9 +307,11 @@ def train_judge(
     progress: bool = True,
     on_epoch: Callable[[nn.Module, dict[str, Any], bool], None] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Train a judge from scratch: AdamW, one-cycle LR, BCE on the 24 outputs, label-preserving
-    augmentation. Returns the best epoch's model (by held-out top-k, then exact; the last
-    epoch when ``val`` is empty) and one history record per epoch. ``on_epoch(model, record,
+    """Train a judge from scratch: AdamW, warmup + cosine LR, BCE on the 24 outputs,
+    label-preserving augmentation. With ``cfg.minutes`` the schedule runs over wall-clock time
+    (for a shared machine) and training stops when it is spent, or after ``cfg.epochs``.
+    Returns the best epoch's model (by held-out top-k, then exact; the last epoch when ``val``
+    is empty) and one history record per epoch. ``on_epoch(model, record,
     is_best)`` runs after each epoch (the command saves the best model there)."""
     from rich.progress import TextColumn
 
@@ -317,20 +327,28 @@ def train_judge(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    budget = cfg.minutes * 60 if cfg.minutes else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15,
-    )
     history: list[dict[str, Any]] = []
     best_state, best = None, None
     columns = TextColumn("loss {task.fields[loss]:.4f}")
+    begun, done, out_of_time = time.time(), 0, False
     with make_progress(columns, enabled=progress) as bar:
-        task = bar.add_task("training judge", total=cfg.epochs * steps_per_epoch, loss=float("nan"))
+        task = bar.add_task("training judge" + (" (seconds)" if budget else ""),
+                            total=int(budget) if budget else total_steps, loss=float("nan"))
         for epoch in range(1, cfg.epochs + 1):
-            started, total_loss = time.time(), 0.0
+            started, total_loss, steps = time.time(), 0.0, 0
             model.train()
             order = torch.randperm(len(train), generator=generator)
             for step in range(steps_per_epoch):
+                # where we are in the schedule: by steps, or by wall-clock time under a budget
+                fraction = (time.time() - begun) / budget if budget else done / total_steps
+                if fraction >= 1:
+                    out_of_time = True
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(fraction)
                 index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 x = augment(train.images[index], cfg, generator).to(device, memory_format=memory_format)
                 y = train.labels[index].to(device)
@@ -340,11 +358,15 @@ def train_judge(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
-                total_loss += loss.item()
-                bar.update(task, advance=1, loss=loss.item())
+                total_loss, steps, done = total_loss + loss.item(), steps + 1, done + 1
+                if budget:
+                    bar.update(task, completed=min(time.time() - begun, budget), loss=loss.item())
+                else:
+                    bar.update(task, advance=1, loss=loss.item())
+            if steps == 0:
+                break
             record: dict[str, Any] = {
-                "epoch": epoch, "train_loss": total_loss / steps_per_epoch,
+                "epoch": epoch, "steps": steps, "train_loss": total_loss / steps,
                 "seconds": round(time.time() - started, 1),
             }
             if len(val):
@@ -357,9 +379,11 @@ def train_judge(
             if progress:
                 held = (f"held-out top-k {record['topk_accuracy']:.4f}  exact {record['exact_accuracy']:.4f}"
                         if len(val) else "no held-out images")
-                console.print(f"epoch {epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  {held}"
+                console.print(f"epoch {epoch}{'' if budget else f'/{cfg.epochs}'}  loss {record['train_loss']:.4f}  {held}"
                               f"  ({record['seconds']:.0f} s){'  best' if is_best else ''}")
             if on_epoch is not None:
                 on_epoch(model, record, is_best)
+            if out_of_time:
+                break
     model.load_state_dict(best_state)
     return model.to(memory_format=torch.contiguous_format).eval(), history

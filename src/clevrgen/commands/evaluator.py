@@ -70,7 +70,8 @@ def train(
         append_jsonl(metrics, record)
         if is_best:
             save_judge(model, out, {"command": command, "config": cfg.judge.model_dump(mode="json"),
-                                    "data": str(root), "heldout": record, "heldout_images": len(val_set)})
+                                    "data": str(root), "heldout": record, "heldout_images": len(val_set),
+                                    "split": {"val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed}})
 
     _, history = train_judge(train_set, val_set, cfg.judge, on_epoch=on_epoch)
     typer.echo(f"wrote {out} ({len(history)} epochs)")
@@ -89,14 +90,22 @@ def score(
     root: Annotated[Path, typer.Argument(help="A folder in the i-CLEVR layout (train.json, objects.json, iclevr/).")],
     evaluator: EvaluatorOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    heldout: Annotated[bool, typer.Option("--heldout", help="Score only the scenes the judge held out in training (the split is read from its metadata).")] = False,
 ) -> None:
     """Score a folder's images against their labels: top-k (the course metric), exact set, worst classes."""
-    from clevrgen.data.iclevr import load_iclevr
-    from clevrgen.judge import judge_probs, load_judge, score_predictions
+    from clevrgen.data.iclevr import load_iclevr, split_scenes
+    from clevrgen.errors import UsageError
+    from clevrgen.judge import judge_probs, load_judge, read_metadata, score_predictions
+    from clevrgen.labels import asset_path
     from clevrgen.runtime import resolve_device
 
     judge = load_judge(evaluator, resolve_device("auto"))
     data = load_iclevr(root, progress=not as_json)
+    if heldout:
+        split = json.loads(read_metadata(evaluator or asset_path("judge.safetensors")).get("split", "null"))
+        if not split:
+            raise UsageError("--heldout needs a clevrgen judge whose metadata records its split; this one does not")
+        data = split_scenes(data, split["val_fraction"], split["split_seed"])[1]
     result = score_predictions(judge_probs(judge, data.images), data.labels)
     if as_json:
         typer.echo(json.dumps(result))
