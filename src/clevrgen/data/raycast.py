@@ -207,19 +207,27 @@ def _hit_box(ox, oy, oz, dx, dy, dz, half, height, yaw):
 _HITS = {CUBE: _hit_box, SPHERE: _hit_sphere, CYLINDER: _hit_cylinder}
 
 
-def _nearest_hit(scenes: Scenes, b: torch.Tensor, o: torch.Tensor, d: torch.Tensor):
+def _nearest_hit(scenes: Scenes, b: torch.Tensor, o: torch.Tensor, d: torch.Tensor,
+                 pixels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """(t [P], unit normal [P, 3], slot [P], -1 for none) of the nearest object along each ray.
 
-    Each ray is tested only against the shape that sits in each slot of its scene.
+    Each ray is tested only against the shape that sits in each slot of its scene, and with
+    ``pixels`` = (y, x, pixel boxes [B, K, 4]) only against the objects whose box holds it.
     """
     t_best = torch.full_like(d[:, 0], _INF)
     n_best = torch.zeros_like(d)
     k_best = torch.full_like(b, -1)
     half, height = _half_width(scenes), object_height(scenes)
     for k in range(scenes.shape.shape[1]):
-        shape = torch.where(scenes.present[:, k], scenes.shape[:, k], -1)[b]
+        if pixels is not None:
+            y, x, box = pixels
+            x0, y0, x1, y1 = box[b, k].unbind(-1)
+            ray = ((x >= x0) & (x < x1) & (y >= y0) & (y < y1) & scenes.present[b, k]).nonzero().flatten()
+        else:
+            ray = scenes.present[b, k].nonzero().flatten()
+        shape = scenes.shape[b[ray], k]
         for kind, hit in _HITS.items():
-            idx = (shape == kind).nonzero().flatten()
+            idx = ray[shape == kind]
             if len(idx) == 0:
                 continue
             bi = b[idx]
@@ -362,11 +370,13 @@ def _object_color(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, t: torch.Ten
         h = F.normalize(l + view, dim=-1)
         diffuse = diffuse + e
         spec = spec + e * (n * h).sum(-1).clamp_min(0).pow(30)[:, None]
-    # light bounced off the floor reaches the sides and undersides
-    below = p * torch.tensor([1.0, 1.0, 0.0], device=p.device)
-    up = torch.zeros_like(n)
+    # light bounced off the floor (as lit at the object's foot) reaches the sides and undersides
+    B, K = scenes.shape.shape
+    foot = torch.cat([scenes.xy, torch.zeros_like(scenes.xy[..., :1])], -1).view(B * K, 3)
+    up = torch.zeros_like(foot)
     up[:, 2] = 1.0
-    floor_light = sum(e for _, _, e in _irradiance(below, up, lights))
+    rows = torch.arange(B, device=d.device).repeat_interleave(K)
+    floor_light = sum(e for _, _, e in _irradiance(foot, up, _lights(scenes, rows))).view(B, K, 3)[b, k]
     ambient = st.bounce * (1 - n[:, 2:3]) * 0.5 * (floor_light * st.floor_albedo + st.floor_ambient)
     rubber = albedo * (diffuse + ambient) + st.gloss * spec
     # metal: a tinted mirror of a mid-gray world, with sharp tinted highlights
@@ -413,13 +423,18 @@ def screen_boxes(scenes: Scenes, shadows: bool) -> torch.Tensor:
     return torch.stack([u.amin(-1), v.amin(-1), u.amax(-1), v.amax(-1)], -1)
 
 
+def _pixel_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Frame-unit boxes [B, K, 4] -> grid pixel bounds (x0, y0, x1, y1), end exclusive."""
+    scale = torch.tensor([width, height, width, height], device=boxes.device)
+    lo = (boxes[..., :2] * scale[:2]).floor()
+    hi = (boxes[..., 2:] * scale[2:]).ceil()
+    return torch.minimum(torch.cat([lo, hi], -1).clamp_min(0), scale)
+
+
 def _box_rays(scenes: Scenes, boxes: torch.Tensor, height: int, width: int):
     """(b, y, x) of every grid pixel inside some present object's box, each pixel once."""
     B, K = scenes.shape.shape
-    x0 = (boxes[..., 0] * width).floor().clamp(0, width)
-    y0 = (boxes[..., 1] * height).floor().clamp(0, height)
-    x1 = (boxes[..., 2] * width).ceil().clamp(0, width)
-    y1 = (boxes[..., 3] * height).ceil().clamp(0, height)
+    x0, y0, x1, y1 = _pixel_boxes(boxes, height, width).unbind(-1)
     ys = torch.arange(height, device=boxes.device)
     xs = torch.arange(width, device=boxes.device)
     mask = torch.zeros(B, height, width, dtype=torch.bool, device=boxes.device)
@@ -459,9 +474,10 @@ def render_scenes(scenes: Scenes, shown: torch.Tensor | None = None, size: int =
     grid = size * supersample
     image = F.interpolate(floor.permute(0, 3, 1, 2), size=(grid, grid), mode="bilinear", align_corners=False)
     # the objects, supersampled, only inside their own boxes and only where a ray hits one
-    b, y, x = _box_rays(scenes, screen_boxes(scenes, shadows=False), grid, grid)
+    boxes = screen_boxes(scenes, shadows=False)
+    b, y, x = _box_rays(scenes, boxes, grid, grid)
     d = _ray_dirs(scenes.camera, b, y, x, grid, grid)
-    t, n, k = _nearest_hit(scenes, b, scenes.camera[b], d)
+    t, n, k = _nearest_hit(scenes, b, scenes.camera[b], d, (y, x, _pixel_boxes(boxes, grid, grid)))
     hit = (k >= 0).nonzero().flatten()
     if len(hit):
         b, y, x = b[hit], y[hit], x[hit]
@@ -495,9 +511,11 @@ def _grain(seed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def object_pixels(scenes: Scenes, size: int = IMAGE_SIZE) -> torch.Tensor:
     """[B, K] pixels of the size x size image where each object is the nearest thing seen."""
     B, K = scenes.shape.shape
-    b, y, x = _box_rays(scenes, screen_boxes(scenes, shadows=False), size, size)
+    boxes = screen_boxes(scenes, shadows=False)
+    b, y, x = _box_rays(scenes, boxes, size, size)
     counts = torch.zeros(B, K + 1, device=scenes.shape.device)
     if len(b):
-        _, _, k = _nearest_hit(scenes, b, scenes.camera[b], _ray_dirs(scenes.camera, b, y, x, size, size))
+        _, _, k = _nearest_hit(scenes, b, scenes.camera[b], _ray_dirs(scenes.camera, b, y, x, size, size),
+                               (y, x, _pixel_boxes(boxes, size, size)))
         counts.index_put_((b, k + 1), torch.ones_like(k, dtype=counts.dtype), accumulate=True)
     return counts[:, 1:]
