@@ -28,6 +28,7 @@ TINY = [
     "train.warmup_steps=0",
     "train.log_every=1",
     "train.eval_every=1000",
+    "train.sample_every=1000",
     "train.checkpoint_every=2",
     "train.eval_images=0",
     "train.device='cpu'",

@@ -27,7 +27,7 @@ def plot_metrics(metrics: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics)
+    records = [r for r in read_metrics(metrics) if "loss" in r]
     if not records:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)

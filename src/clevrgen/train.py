@@ -23,7 +23,9 @@ from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
 from clevrgen.errors import CheckpointError, ClevrgenError, UsageError
 from clevrgen.model import LabelConditionedUNet, build_model, save_artifact
-from clevrgen.runtime import append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, resolve_device
+from clevrgen.runtime import (
+    append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, init_distributed, resolve_device,
+)
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -40,6 +42,8 @@ class TrainResult:
     loss: float
     images_per_second: float
     val_loss: float | None
+    world_size: int = 1
+    is_main: bool = True
 
 
 def lr_lambda(warmup: int):
@@ -89,26 +93,40 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
-        self.device = resolve_device(cfg.train.device)
+        self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         if cfg.train.batch_size > len(data):
             raise UsageError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(data)} training images")
         self.train_set, self.val_set = split_scenes(data, cfg.data.val_fraction, cfg.data.split_seed)
-        # A model may work at a lower resolution than the 64x64 data (cheap CPU configs).
-        self.images = resize_images(self.train_set.images, cfg.model.image_size).to(self.device)
-        self.labels = self.train_set.labels.to(self.device)
+        # Each rank holds its own shard on its device; a model may work at a lower resolution
+        # than the 64x64 data (cheap CPU configs).
+        shard = slice(self.dist.rank, None, self.dist.world_size)
+        self.images = resize_images(self.train_set.images[shard], cfg.model.image_size).to(self.device)
+        self.labels = self.train_set.labels[shard].to(self.device)
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = EMAModel(self.model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
+        self.ema = (EMAModel(self.model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
+                    if self.dist.is_main else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train.warmup_steps))
         self.noise_scheduler = training_scheduler(cfg.diffusion)
-        self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
+        self.gen = torch.Generator(self.device).manual_seed(self.rank_seed(0))
         self.step = 0
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.forward = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            self.forward = torch.compile(self.forward)
+
+    def rank_seed(self, step: int) -> int:
+        """The batch-drawing seed of this rank, from the run's seed (and the step, on a resume)."""
+        return self.cfg.train.seed + 1_000_003 * self.dist.rank + 7_919 * step
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -120,6 +138,7 @@ class Trainer:
             "lr_schedule": self.lr_schedule.state_dict(),
             "gen": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "world_size": self.dist.world_size,
         }
 
     def save_checkpoint(self) -> None:
@@ -135,13 +154,17 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-            self.ema.to(self.device)
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+                self.ema.to(self.device)
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
-            self.gen.set_state(state["gen"])
-            torch.set_rng_state(state["torch_rng"])
             self.step = int(state["step"])
+            torch.set_rng_state(state["torch_rng"])
+            if int(state.get("world_size", 1)) == 1 == self.dist.world_size:
+                self.gen.set_state(state["gen"])  # exact continuation of a single-process run
+            else:  # another job shape: each rank draws afresh from (seed, rank, step)
+                self.gen.manual_seed(self.rank_seed(self.step))
         except Exception as exc:
             raise CheckpointError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from None
 
@@ -173,7 +196,6 @@ class Trainer:
                                                self.cfg.train.batch_size, self.cfg.model.image_size)
         if self.cfg.train.eval_images and len(self.val_set):
             record.update(self.held_out_accuracy(model))
-        self.sample_grid(model)
         return record
 
     def held_out_accuracy(self, model) -> dict:
@@ -206,24 +228,51 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.lr_schedule.step()
-        self.ema.step(self.model.parameters())
+        if self.ema is not None:
+            self.ema.step(self.model.parameters())
         self.step += 1
+        loss = loss.detach()
+        if self.dist.enabled:  # the mean over ranks: every rank logs, and stops, on the same value
+            import torch.distributed as dist
+
+            dist.all_reduce(loss)
+            loss /= self.dist.world_size
         return loss.item()
+
+    def barrier(self) -> None:
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def ranks_in_sync(self) -> bool:
+        """Whether every rank holds exactly the same weights (a check at the end of a DDP run)."""
+        import torch.distributed as dist
+
+        flat = torch.cat([p.detach().double().flatten() for p in self.model.parameters()])
+        stats = torch.stack([flat.sum(), flat.square().sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
+        gathered = [torch.empty_like(stats) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, stats)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
 
     def run(self) -> TrainResult:
         from rich.progress import TextColumn
 
-        from clevrgen.progress import make_progress
+        from clevrgen.progress import console, make_progress
 
-        t = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+        t, main = self.cfg.train, self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+            if self.dist.enabled:
+                console.print(f"DDP on {self.dist.world_size} ranks ({self.device.type}): batch {t.batch_size} per rank, "
+                              f"effective batch {t.batch_size * self.dist.world_size}, lr {t.lr:g}")
         metrics = self.run_dir / METRICS_FILE
         loss = ips = float("nan")
         val_loss = None
         window_start, window_images, losses = time.perf_counter(), 0, []
         bar = make_progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
-                            enabled=self.progress)
+                            enabled=self.progress and main)
         try:
             with bar:
                 task = bar.add_task("training", total=t.steps, completed=self.step, loss=float("nan"), ips=0.0)
@@ -235,28 +284,42 @@ class Trainer:
                             f"in {self.run_dir} is kept. Try a lower train.lr or train.precision='fp32'."
                         )
                     losses.append(loss)
-                    window_images += t.batch_size
-                    if self.step % t.log_every == 0 or self.step == t.steps:
+                    window_images += t.batch_size * self.dist.world_size
+                    last = self.step == t.steps
+                    evaluate_now = self.step % t.eval_every == 0 or last
+                    if main and (self.step % t.log_every == 0 or evaluate_now):
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         ips = window_images / (time.perf_counter() - window_start)
                         record = {"step": self.step, "loss": sum(losses) / len(losses),
                                   "lr": self.lr_schedule.get_last_lr()[0], "images_per_second": ips}
-                        if self.step % t.eval_every == 0 or self.step == t.steps:
+                        if evaluate_now:
                             record.update(self.evaluate())
                             val_loss = record.get("val_loss", val_loss)
                         append_jsonl(metrics, record)
                         window_start, window_images, losses = time.perf_counter(), 0, []
-                    if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                        self.save_checkpoint()
+                    if main and (self.step % t.sample_every == 0 or last):
+                        self.sample_grid(self.ema_model())
+                    if self.step % t.checkpoint_every == 0 or last:
+                        if main:
+                            self.save_checkpoint()
+                        self.barrier()
                     bar.update(task, completed=self.step, loss=loss, ips=ips)
         except KeyboardInterrupt:
-            self.save_checkpoint()
+            if main:
+                self.save_checkpoint()
             raise TrainingInterrupted(
                 f"interrupted at step {self.step}; checkpoint saved. Resume with: clevrgen train --resume {self.run_dir}"
             ) from None
-        self.plot_loss()
-        return TrainResult(self.run_dir, self.step, loss, ips, val_loss)
+        if self.dist.enabled:
+            in_sync = self.ranks_in_sync()
+            if main:
+                append_jsonl(metrics, {"step": self.step, "world_size": self.dist.world_size, "ranks_in_sync": in_sync})
+            if not in_sync:
+                raise RuntimeError("DDP ranks ended with different weights")
+        if main:
+            self.plot_loss()
+        return TrainResult(self.run_dir, self.step, loss, ips, val_loss, self.dist.world_size, main)
 
 
 def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -265,10 +328,17 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
         raise UsageError(f"{run_dir} already holds a training run: continue it with --resume {run_dir}, "
                          "or choose another --out")
     trainer = Trainer(cfg, run_dir, data, progress=progress)
-    if resume:
-        trainer.load_checkpoint()
-        drop_metrics_after(run_dir / METRICS_FILE, trainer.step)
-    return trainer.run()
+    try:
+        if resume:
+            trainer.load_checkpoint()
+            if trainer.dist.is_main:
+                drop_metrics_after(run_dir / METRICS_FILE, trainer.step)
+        return trainer.run()
+    finally:
+        if trainer.dist.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

@@ -18,6 +18,8 @@ EXAMPLES = """Examples:
   clevrgen train --config configs/base.toml --set data.path='../shared/iclevr' --out runs/base
 
   clevrgen train --resume runs/base
+
+  torchrun --nproc_per_node 4 -m clevrgen train --config configs/small.toml   # DDP on 4 GPUs
 """
 
 
@@ -54,8 +56,11 @@ def train(
         run_dir = out or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     data = load_dataset(cfg.data)
     result = run_training(cfg, run_dir, data, resume=resume is not None)
+    if not result.is_main:  # under torchrun, rank 0 speaks for the job
+        return
     val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     Console().print(
         f"[bold green]done[/]: {result.step} steps, loss {result.loss:.4f}{val}, "
-        f"{result.images_per_second:.0f} img/s -> {result.run_dir}"
+        f"{result.images_per_second:.0f} img/s on {result.world_size} rank{'s' * (result.world_size > 1)} "
+        f"-> {result.run_dir}"
     )

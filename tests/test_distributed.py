@@ -1,0 +1,40 @@
+"""torchrun: two CPU ranks with gloo train in step and leave one complete run folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from conftest import TINY
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+
+
+def overrides(*extra):
+    return [x for s in (*TINY, *extra) for x in ("--set", s)]
+
+
+def test_two_cpu_ranks_stay_in_sync_and_resume_alone(dataset, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "clevrgen", "train", "--out", str(run), *overrides(f"data.path='{dataset}'", "train.steps=4")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "effective batch 8" in done.stdout + done.stderr
+    assert (done.stdout + done.stderr).count("done:") == 1  # rank 0 alone reports
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {"step": 4, "world_size": 2, "ranks_in_sync": True}
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    for name in ("config.toml", "state.pt", "loss.png", "unet/diffusion_pytorch_model.safetensors",
+                 "label_proj.safetensors", "scheduler/scheduler_config.json"):
+        assert (run / name).is_file(), name
+
+    # the same run goes on in a single process
+    single = subprocess.run([sys.executable, "-m", "clevrgen", "train", "--resume", str(run), "--set", "train.steps=6"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stdout + single.stderr
+    assert "6 steps" in single.stdout
