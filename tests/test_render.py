@@ -122,11 +122,13 @@ def test_cli_render(tmp_path, monkeypatch):
     (["--random", "2", "--objects", "0-9"], "--objects"),
     (["--spec", "missing.json"], "missing file"),
     (["--spec", "{bad}"], "unknown phrase"),
+    (["--spec", "{escape}"], "plain .png file names"),
 ])
 def test_cli_render_user_errors(tmp_path, args, message):
-    if args[-1] == "{bad}":
+    if args[-1] in ("{bad}", "{escape}"):
         bad = tmp_path / "bad.json"
-        bad.write_text(json.dumps({"x_0.png": ["pink cube"]}))
+        table = {"x_0.png": ["pink cube"]} if args[-1] == "{bad}" else {"../x_0.png": ["red cube"]}
+        bad.write_text(json.dumps(table))
         args = ["--spec", str(bad)]
     result = CliRunner().invoke(app, ["data", "render", "--out", str(tmp_path / "o"), *args])
     assert result.exit_code != 0 and "Traceback" not in result.output

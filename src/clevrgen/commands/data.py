@@ -48,9 +48,9 @@ RENDER_EXAMPLES = """Examples:
 @app.command("render", epilog=RENDER_EXAMPLES)
 def render(
     out: Annotated[Path, typer.Option("--out", help="Folder to write in the i-CLEVR layout (resumes if it exists).")],
-    spec: Annotated[Optional[Path], typer.Option("--spec", help="A train.json (image name -> phrases). [default: the official train.json]")] = None,
-    random: Annotated[Optional[int], typer.Option("--random", min=1, help="Render N random scenes instead of a spec.")] = None,
-    objects: Annotated[str, typer.Option("--objects", help="Objects per random scene, MIN-MAX (1-5).")] = "1-3",
+    spec: Annotated[Optional[Path], typer.Option("--spec", help="A train.json (image name -> phrases). Default: the official i-CLEVR train.json.")] = None,
+    random: Annotated[Optional[int], typer.Option("--random", min=1, help="Render N random scenes instead of a spec (each as its images of MIN..MAX objects).")] = None,
+    objects: Annotated[str, typer.Option("--objects", help="Objects per random scene, MIN-MAX within 1-5.")] = "1-3",
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
     fmt: Annotated[str, typer.Option("--format", help="png, cache (the reader's uint8 cache only) or both.")] = "png",

@@ -21,7 +21,7 @@ from clevrgen.data.raycast import (  # noqa: F401  (the renderer's public names)
     CAMERA, COLORS, LAMPS, MAX_OBJECTS, SHAPES, SceneStyle, Scenes, bound_radius, object_height,
     screen_boxes, object_pixels, render_scenes,
 )
-from clevrgen.errors import PhraseError
+from clevrgen.errors import DataError, PhraseError
 from clevrgen.labels import parse_phrase
 
 
@@ -240,6 +240,9 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
 
     out = Path(out)
     plan_scenes(spec)  # validates every phrase before anything is written
+    bad = [n for n in spec if Path(n).name != n or not n.lower().endswith(".png") or n.startswith(".")]
+    if bad:
+        raise DataError(f"image names must be plain .png file names, got {bad[0]!r}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "train.json", json.dumps(spec))
     atomic_write_text(out / "objects.json", json.dumps(CLASS_INDEX))
