@@ -25,12 +25,12 @@ def info(
 ) -> None:
     """Summarize a dataset (images, scenes, objects per image, class counts) and draw a labelled grid."""
     from clevrgen.data.iclevr import load_iclevr
-    from clevrgen.data.summary import dataset_table, labelled_grid
-
-    data = load_iclevr(root)
     from rich.console import Console
 
-    Console().print(dataset_table(data, title=str(root)))
+    from clevrgen.data.summary import class_count_table, dataset_table, labelled_grid
+
+    data = load_iclevr(root)
+    Console().print(dataset_table(data, title=str(root)), class_count_table(data))
     labelled_grid(data, grid, count=count)
     typer.echo(f"wrote {grid}")
 

@@ -8,7 +8,7 @@ import torch
 from rich.table import Table
 
 from clevrgen.data.iclevr import ImageSet
-from clevrgen.labels import PHRASES, phrases_of
+from clevrgen.labels import COLORS, SHAPES, phrases_of
 from clevrgen.runtime import atomic_path
 
 
@@ -22,10 +22,18 @@ def dataset_table(data: ImageSet, title: str = "dataset") -> Table:
     per_image = data.labels.sum(1).long()
     for k, n in zip(*torch.unique(per_image, return_counts=True)):
         table.add_row(f"images with {int(k)} object{'s' * (int(k) != 1)}", f"{int(n):,}")
-    counts = data.labels.sum(0).long()
-    lo, hi = int(counts.argmin()), int(counts.argmax())
-    table.add_row("rarest class", f"{PHRASES[lo]} ({int(counts[lo]):,})")
-    table.add_row("commonest class", f"{PHRASES[hi]} ({int(counts[hi]):,})")
+    return table
+
+
+def class_count_table(data: ImageSet) -> Table:
+    """How many images show each class: colors down, shapes across."""
+    counts = data.labels.sum(0).long().view(len(SHAPES), len(COLORS))
+    table = Table(title="images per class")
+    table.add_column("color")
+    for shape in SHAPES:
+        table.add_column(shape, justify="right")
+    for c, color in enumerate(COLORS):
+        table.add_row(color, *(f"{int(counts[s, c]):,}" for s in range(len(SHAPES))))
     return table
 
 
