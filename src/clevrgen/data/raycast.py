@@ -78,7 +78,7 @@ class SceneStyle:
     """The floor and its shadows are shaded at 1/floor_scale of the output resolution."""
     shadow_lights: tuple[int, ...] = (0, 2, 3)
     """Lights whose shadows are drawn (key, fill, back lamps, sun): the dim fill's are skipped."""
-    contact: tuple[float, float] = (0.3, 0.4)
+    contact: tuple[float, float] = (0.0, 0.4)
     """Darkening of the floor right around an object (strength, reach): light it hides from all sides."""
     floor_ambient: float = 0.0
     """Light on the floor from everywhere (bounces), in units of floor radiance."""
@@ -347,7 +347,7 @@ def _floor(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, shadows: bool) -> t
         floor = floor + e
     # the far wall of the backdrop is brighter and flatter than the lamps alone make it
     floor = floor * st.floor_albedo + st.floor_ambient + st.wall_light * (1 - n[:, 2:3])
-    if shadows:  # contact shadows: the floor right around an object sees less of every light
+    if shadows and st.contact[0] > 0:  # contact shadows: the floor around an object sees less light
         for k in range(scenes.shape.shape[1]):
             gap = ((p[:, 0] - prim["cx"][:, k]) ** 2 + (p[:, 1] - prim["cy"][:, k]) ** 2).sqrt() - prim["half"][:, k]
             near = st.contact[0] * torch.exp(-gap.clamp_min(0) / st.contact[1]) * present[:, k]
