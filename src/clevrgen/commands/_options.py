@@ -22,13 +22,28 @@ PrintConfigOption = Annotated[
 ]
 
 
-def resolve_config(config: Path | None, overrides: list[str] | None, print_config: bool) -> Config:
-    """Load and validate the config; with ``--print-config`` print it and exit."""
-    resolved = load_config(config, overrides)
+def finish_config(raw: dict, overrides: list[str] | None, source: str, print_config: bool) -> Config:
+    """Merge ``--set`` overrides into ``raw``, validate once; with ``--print-config`` print and exit."""
+    from clevrgen.config import merge_overrides, validate_config
+
+    resolved = validate_config(merge_overrides(raw, list(overrides or [])), source=source)
     if print_config:
         typer.echo(to_toml(resolved))
         raise typer.Exit()
     return resolved
+
+
+def resolve_config(config: Path | None, overrides: list[str] | None, print_config: bool) -> Config:
+    """The config of ``--config`` (or the defaults) with ``--set`` overrides, validated."""
+    from clevrgen.config import read_toml
+
+    return finish_config(read_toml(config) if config is not None else {}, overrides, str(config or ""), print_config)
+
+
+def resolve_run_config(run: Path, overrides: list[str] | None, print_config: bool) -> Config:
+    """The config saved in a run folder, with ``--set`` overrides, validated."""
+    return finish_config(load_config_of_run(run).model_dump(mode="json", exclude_none=True), overrides, str(run),
+                         print_config)
 
 
 CheckpointOption = Annotated[
@@ -48,33 +63,25 @@ GuidanceOption = Annotated[
 def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[str] | None, print_config: bool,
                   **sample_options):
     """The trained pipeline of ``checkpoint``. Its saved config supplies every default; ``--config``
-    and ``--set`` may change the ``sample`` and ``evaluate`` sections, and the command's own
-    options (``sample_options``, None = unset) come last."""
-    from clevrgen.config import merge_overrides, read_toml, validate_config
+    may change the ``sample`` and ``evaluate`` sections, then the command's own options
+    (``sample_options``, None = unset), then ``--set``."""
+    from clevrgen.config import read_toml
     from clevrgen.errors import ConfigError
-    from clevrgen.model import artifact_dir, latest_run, load_artifact  # noqa: F401
+    from clevrgen.model import artifact_dir, latest_run
     from clevrgen.pipeline import ScenePipeline
 
     run = artifact_dir(checkpoint) if checkpoint is not None else latest_run()
-    saved = load_config_of_run(run)
-    raw = saved.model_dump(mode="json", exclude_none=True)
-    user = read_toml(config) if config is not None else {}
-    for section, values in user.items():
-        if section not in ("sample", "evaluate"):
-            raise ConfigError([f"{section}: comes from the checkpoint; only [sample] and [evaluate] may be set here"])
+    raw = load_config_of_run(run).model_dump(mode="json", exclude_none=True)
+    for section, values in (read_toml(config) if config is not None else {}).items():
+        if section not in ("sample", "evaluate") or not isinstance(values, dict):
+            raise ConfigError([f"{section}: comes from the checkpoint; only [sample] and [evaluate] tables may be set here"])
         raw[section].update(values)
-    merge_overrides(raw, list(overrides or []))
     raw["sample"].update({k: v for k, v in sample_options.items() if v is not None})
-    resolved = validate_config(raw, source=str(config or run))
-    if print_config:
-        typer.echo(to_toml(resolved))
-        raise typer.Exit()
-    return ScenePipeline.from_run(run, resolved)
+    return ScenePipeline.from_run(run, finish_config(raw, overrides, str(config or run), print_config))
 
 
 def load_config_of_run(run: Path) -> Config:
-    from clevrgen.errors import CheckpointError
-    from clevrgen.errors import ConfigError
+    from clevrgen.errors import CheckpointError, ConfigError
     from clevrgen.model import CONFIG_FILE
 
     path = run / CONFIG_FILE

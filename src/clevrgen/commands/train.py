@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from clevrgen.commands._options import ConfigOption, PrintConfigOption, SetOption, resolve_config
+from clevrgen.commands._options import (
+    ConfigOption, PrintConfigOption, SetOption, resolve_config, resolve_run_config,
+)
 
 HELP = "Train the conditional denoiser (config -> run folder with checkpoints, metrics and samples)."
 EXAMPLES = """Examples:
@@ -37,18 +39,9 @@ def train(
     from clevrgen.train import train as run_training
 
     if resume is not None:
-        if out is not None and out != resume:
-            raise UsageError("give either --out or --resume, not both")
-        from clevrgen.commands._options import load_config_of_run
-        from clevrgen.config import merge_overrides, validate_config
-
-        raw = load_config_of_run(resume).model_dump(mode="json", exclude_none=True)
-        cfg = validate_config(merge_overrides(raw, list(overrides or [])), source=str(resume))
-        if print_config:
-            from clevrgen.config import to_toml
-
-            typer.echo(to_toml(cfg))
-            raise typer.Exit()
+        if (out is not None and out != resume) or config is not None:
+            raise UsageError("--resume RUN continues with RUN's own config: give no --config or --out with it")
+        cfg = resolve_run_config(resume, overrides, print_config)
         run_dir = resume
     else:
         cfg = resolve_config(config, overrides, print_config)
