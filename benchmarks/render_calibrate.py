@@ -3,7 +3,8 @@
     python benchmarks/render_calibrate.py /work/shared/iclevr
 
 The empty floor's linear radiance is linear in the light powers, so for each backdrop shape on a
-small grid the powers (key, fill, back lamps, sun, a constant bounce) come from one least-squares
+small grid the powers (key, fill, back lamps, sun, a constant bounce, the light on the backdrop's
+upright part) come from one least-squares
 fit to the mean real one-object image (the object's region masked out); the best fit is printed
 as SceneStyle settings.
 """
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clevrgen.data import render as R
+from clevrgen.data import raycast as R
+from clevrgen.data.render import sample_scenes
 
 
 def real_mean(root: Path, count: int = 1500) -> torch.Tensor:
@@ -33,8 +35,9 @@ def real_mean(root: Path, count: int = 1500) -> torch.Tensor:
 
 
 def basis(style: R.SceneStyle, jitters: int = 32) -> torch.Tensor:
-    """[5, 64, 64, 3]: the floor lit by each light alone at unit power, averaged over jitter; and a constant."""
-    scenes = R.sample_scenes([[0]] * jitters, [f"j{i}" for i in range(jitters)], 0, style)
+    """[6, 64, 64, 3]: the floor lit by each light alone at unit power, averaged over jitter; a
+    constant; and the light on the upright part of the backdrop."""
+    scenes = sample_scenes([[0]] * jitters, [f"j{i}" for i in range(jitters)], 0, style)
     out = []
     for i in range(4):
         powers = [0.0, 0.0, 0.0]
@@ -43,12 +46,28 @@ def basis(style: R.SceneStyle, jitters: int = 32) -> torch.Tensor:
             powers[i] = 1.0
         else:
             sun = 1.0
-        s = replace(scenes, style=replace(style, lamp_power=tuple(powers), sun_power=sun, floor_ambient=0.0))
+        s = replace(scenes, style=replace(style, lamp_power=tuple(powers), sun_power=sun, floor_ambient=0.0,
+                                          wall_light=0.0))
         b, y, x = R._dense_rays(jitters, 64, 64, "cpu")
         floor = R._floor(s, b, R._ray_dirs(s.camera, b, y, x, 64, 64), shadows=False)
         out.append(floor.view(jitters, 64, 64, 3).mean(0))
     out.append(torch.ones(64, 64, 3))
+    b, y, x = R._dense_rays(1, 64, 64, "cpu")
+    _, n = R._backdrop(scenes.camera[b], R._ray_dirs(scenes.camera, b, y, x, 64, 64), style.backdrop)
+    out.append((1 - n[:, 2]).view(64, 64, 1).expand(64, 64, 3))
     return torch.stack(out)
+
+
+def nonnegative_lstsq(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Least squares with every coefficient >= 0: drop the most negative term until none is."""
+    active = list(range(A.shape[1]))
+    while True:
+        sol = torch.linalg.lstsq(A[:, active], y[:, None]).solution.flatten()
+        if (sol >= 0).all():
+            coef = torch.zeros(A.shape[1])
+            coef[active] = sol
+            return coef
+        active.pop(int(sol.argmin()))
 
 
 def main(root: str) -> None:
@@ -56,18 +75,18 @@ def main(root: str) -> None:
     mask = torch.ones(64, 64, dtype=torch.bool)
     mask[14:40, 22:42] = False  # the first object and its shadow
     best = None
-    for start, radius in itertools.product([3.0, 4.5, 6.0], [1.5, 3.0]):
+    for start, radius in itertools.product([4.5, 6.0, 7.5], [1.5, 3.0, 5.0]):
         style = replace(R.SceneStyle(), backdrop=(start, radius))
-        A = basis(style)[:, mask].reshape(5, -1).T  # [pixels*3, 5]
+        A = basis(style)[:, mask].reshape(6, -1).T  # [pixels*3, 6]
         y = target[mask].reshape(-1)
-        coef = torch.linalg.lstsq(A, y[:, None]).solution.flatten().clamp_min(0)
+        coef = nonnegative_lstsq(A, y)
         err = (A @ coef - y).pow(2).mean().sqrt().item()
         if best is None or err < best[0]:
             best = (err, start, radius, coef)
         print(f"backdrop=({start}, {radius}) rms={err:.4f} powers={[round(c, 3) for c in coef.tolist()]}")
     err, start, radius, coef = best
     print(f"best: backdrop=({start}, {radius}), lamp_power={tuple(round(c, 3) for c in coef[:3].tolist())}, "
-          f"sun_power={coef[3]:.3f}, floor_ambient={coef[4]:.4f} (rms {err:.4f} linear)")
+          f"sun_power={coef[3]:.3f}, floor_ambient={coef[4]:.4f}, wall_light={coef[5]:.4f} (rms {err:.4f} linear)")
 
 
 if __name__ == "__main__":

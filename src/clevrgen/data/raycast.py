@@ -48,10 +48,10 @@ _INF = float("inf")
 class SceneStyle:
     """How scenes are drawn. The defaults are what i-CLEVR used, measured on its images."""
 
-    sizes: tuple[float, ...] = (0.63,)
+    sizes: tuple[float, ...] = (0.61,)
     """Object sizes (sphere radius) to choose from; CLEVR's generator used (0.7, 0.35)."""
     metal_probability: float = 0.0
-    cube_scale: float = 0.9
+    cube_scale: float = 0.93
     """Cube half-edge / size: about 1 in i-CLEVR, 1/sqrt(2) in the generator."""
     cylinder_height: float = 1.0
     """Cylinder half-height / radius."""
@@ -64,15 +64,15 @@ class SceneStyle:
     light_jitter: float = 1.0
     min_pixels: float = 11.0
     """Visible pixels each object must cover at 64x64 (re-drawn otherwise)."""
-    lamp_power: tuple[float, float, float] = (7.49, 2.58, 4.31)
-    sun_power: float = 0.157
+    lamp_power: tuple[float, float, float] = (6.98, 2.33, 3.50)
+    sun_power: float = 0.176
     bounce: float = 0.25
     """Light bounced from the floor onto objects, as a fraction of the floor's own light."""
     gloss: float = 0.06
     penumbra: tuple[float, float] = (0.4, 0.35)
     """Shadow softness: a constant blur plus a widening per unit distance to the occluder."""
     floor_albedo: float = 0.8
-    wall_light: float = 0.06
+    wall_light: float = 0.0067
     """Extra light on the upright part of the backdrop (matched to the real images' top rows)."""
     floor_scale: int = 2
     """The floor and its shadows are shaded at 1/floor_scale of the output resolution."""
@@ -82,13 +82,13 @@ class SceneStyle:
     """Darkening of the floor right around an object (strength, reach): light it hides from all sides."""
     floor_ambient: float = 0.0
     """Light on the floor from everywhere (bounces), in units of floor radiance."""
-    backdrop: tuple[float, float] = (6.0, 1.5)
+    backdrop: tuple[float, float] = (7.5, 5.0)
     """Where the floor starts curving up (distance behind the origin, away from the camera)
     and the radius of that curve."""
     exposure: float = 1.0
     noise: float = 1.3
     """Render grain, std in 0-255 levels (measured on the real images' flat floor)."""
-    object_gain: float = 1.35
+    object_gain: float = 1.28
     """Extra light on objects: the bounces a one-bounce model misses (matched to real colors)."""
 
 
