@@ -57,7 +57,7 @@ class SceneStyle:
     """Cylinder half-height / radius."""
     first_at_origin: bool = True
     ring: float = 2.5
-    """Later objects keep at least this distance from the first."""
+    """Later objects keep at least this distance from the first along x or y (a square ring)."""
     extent: float = 3.0
     gap: float = 0.25
     camera_jitter: float = 0.0
@@ -99,7 +99,7 @@ class Scenes:
     shape: torch.Tensor  # [B, K] long
     color: torch.Tensor  # [B, K] long
     xy: torch.Tensor  # [B, K, 2]
-    size: torch.Tensor  # [B, K] sphere radius / cylinder radius / cube half-edge / cube_scale
+    size: torch.Tensor  # [B, K] sphere and cylinder radius; a cube's half-edge is size * cube_scale
     yaw: torch.Tensor  # [B, K]
     metal: torch.Tensor  # [B, K] bool
     present: torch.Tensor  # [B, K] bool
