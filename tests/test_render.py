@@ -140,3 +140,14 @@ def test_cli_render_cuda_without_cuda(tmp_path):
         pytest.skip("a CUDA GPU is present")
     result = CliRunner().invoke(app, ["data", "render", "--out", str(tmp_path / "o"), "--random", "1", "--device", "cuda"])
     assert result.exit_code == 2 and "CUDA" in result.output
+
+
+def test_generator_options_metal_two_sizes_anywhere():
+    style = R.SceneStyle(sizes=(0.7, 0.35), metal_probability=1.0, cube_scale=0.7071, first_at_origin=False,
+                         ring=0.0, camera_jitter=0.5)
+    scenes = R.sample_scenes([[0, 9, 22]] * 4, [f"m{i}" for i in range(4)], seed=1, style=style)
+    images = R.render_scenes(scenes)
+    assert images.shape == (4, 3, 64, 64) and images.float().std() > 5
+    assert {round(s, 4) for s in scenes.size.flatten().tolist()} <= {0.7, 0.35}
+    assert all(f["material"] == "metal" for f in R.scene_facts(scenes, 0))
+    assert bool((R.object_pixels(scenes) >= style.min_pixels).all())
