@@ -61,7 +61,7 @@ def test_scene_key():
     (lambda d: (d / "train.json").write_text('{"a_0.png": ["pink cube"]}'), "a_0.png: unknown label 'pink cube'"),
     (lambda d: (d / "train.json").write_text("{}"), "lists no images"),
     (lambda d: (d / "train.json").write_text("[1, 2"), "not valid JSON"),
-    (lambda d: (d / "objects.json").unlink(), "missing file: .*objects.json"),
+    (lambda d: (d / "objects.json").unlink(), "not an i-CLEVR dataset folder: objects.json missing"),
 ])
 def test_damaged_datasets_are_named(dataset, damage, message):
     damage(dataset)

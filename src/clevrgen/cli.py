@@ -5,6 +5,8 @@ Nothing heavy is imported here (torch, diffusers): ``clevrgen --help`` stays ins
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -12,21 +14,34 @@ from typer.core import TyperGroup
 
 from clevrgen import __version__
 from clevrgen.commands import data, denoise_strip, evaluate, evaluator, sample, train
-from clevrgen.errors import ClevrgenError
+from clevrgen.errors import ClevrgenError, ClevrgenWarning
 
 err_console = Console(stderr=True)
 
 
 class ClevrgenGroup(TyperGroup):
-    """Prints a :class:`ClevrgenError` as ``error: message`` and exits with its code."""
+    """Prints a :class:`ClevrgenError` as ``error: message`` and exits with its code, and a
+    :class:`ClevrgenWarning` as ``warning: message``."""
 
     def invoke(self, ctx):  # type: ignore[override]
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, ClevrgenWarning):
+                err_console.print(Text("warning: ", style="bold yellow") + Text(str(message)), soft_wrap=True)
+            else:
+                show_other(message, category, filename, lineno, file, line)
+
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", ClevrgenWarning)
+                warnings.showwarning = show
+                return super().invoke(ctx)
         except ClevrgenError as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            err_console.print(Text("error: ", style="bold red") + Text(str(exc)))
+            # soft_wrap: long paths stay whole (copyable); the terminal wraps the line.
+            err_console.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
 

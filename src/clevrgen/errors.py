@@ -34,3 +34,21 @@ class DataError(ClevrgenError):
 
 class CheckpointError(ClevrgenError):
     """A checkpoint that is missing, truncated or of the wrong kind."""
+
+
+class ClevrgenWarning(UserWarning):
+    """Something the user may want to know (the CLI prints it as ``warning: message``)."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`ClevrgenWarning` (library users see a normal Python warning)."""
+    import warnings
+
+    warnings.warn(message, ClevrgenWarning, stacklevel=2)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (library errors can run to a paragraph)."""
+    text = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+    head, sep, _ = text.partition(". ")
+    return head + ("." if sep else "")

@@ -65,6 +65,8 @@ def parse_phrase(text: str) -> int:
     phrase = normalize_phrase(text)
     if phrase in CLASS_INDEX:
         return CLASS_INDEX[phrase]
+    if not phrase:
+        raise PhraseError(f'empty phrase {text!r}: a phrase is "<color> <shape>", e.g. "red sphere".')
     hint = f' Did you mean "{suggest(phrase)}"?' if phrase else ""
     raise PhraseError(
         f'unknown phrase "{text}".{hint} A phrase is "<color> <shape>" with color one of '

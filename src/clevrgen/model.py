@@ -2,11 +2,13 @@
 
 The artifact of a run is what sampling needs and nothing else: the UNet saved with
 ``save_pretrained`` (so ``UNet2DModel.from_pretrained(RUN / "unet")`` works), the label
-projection as safetensors, the scheduler config and the resolved ``config.toml``.
+projection as safetensors, the scheduler config, the resolved ``config.toml`` and
+``training_data.json`` (what the model saw, e.g. the most objects in one training image).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from clevrgen.config import Config, ModelConfig, load_config, to_toml
-from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError
+from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, first_line
 from clevrgen.labels import NUM_CLASSES
 from clevrgen.runtime import atomic_path, atomic_write_text
 
@@ -22,6 +24,7 @@ UNET_DIR = "unet"
 LABEL_PROJ_FILE = "label_proj.safetensors"
 SCHEDULER_DIR = "scheduler"
 CONFIG_FILE = "config.toml"
+DATA_FILE = "training_data.json"
 
 
 class LabelConditionedUNet(nn.Module):
@@ -37,11 +40,9 @@ class LabelConditionedUNet(nn.Module):
         return self.unet(x, t, class_labels=embedding).sample
 
 
-def build_model(cfg: ModelConfig) -> LabelConditionedUNet:
-    """A freshly initialized denoiser for this architecture config."""
-    from diffusers import UNet2DModel
-
-    unet = UNet2DModel(
+def unet_arguments(cfg: ModelConfig) -> dict:
+    """The ``UNet2DModel`` arguments of an architecture config."""
+    return dict(
         sample_size=cfg.image_size,
         in_channels=3,
         out_channels=3,
@@ -54,14 +55,29 @@ def build_model(cfg: ModelConfig) -> LabelConditionedUNet:
         dropout=cfg.dropout,
         class_embed_type="identity",
     )
+
+
+def build_model(cfg: ModelConfig) -> LabelConditionedUNet:
+    """A freshly initialized denoiser for this architecture config."""
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(**unet_arguments(cfg))
     # The identity class embedding is added to the time embedding: 4x the first block's width.
     return LabelConditionedUNet(unet, nn.Linear(NUM_CLASSES, 4 * cfg.block_out_channels[0]))
 
 
+def _old_dir(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
 def _replace_dir(write, target: Path) -> None:
-    """Write a folder beside ``target`` with ``write(tmp)``, then swap it in by renames."""
+    """Write a folder beside ``target`` with ``write(tmp)``, then swap it in by renames.
+
+    A kill between the two renames leaves no ``target`` but a complete ``.target.old``, which
+    :func:`_settled_dir` reads; a kill at any other moment leaves ``target`` complete.
+    """
     tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
+    old = _old_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if target.exists():
@@ -71,19 +87,42 @@ def _replace_dir(write, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path) -> None:
-    """Save the sampling artifact of ``model`` (pass the EMA weights) into ``run_dir``."""
+def _settled_dir(target: Path) -> Path:
+    """``target``, or the complete previous version a kill mid-swap left beside it."""
+    return _old_dir(target) if not target.exists() and _old_dir(target).is_dir() else target
+
+
+def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
+                  training_data: dict | None = None) -> None:
+    """Save the sampling artifact of ``model`` (pass the EMA weights) into ``run_dir``;
+    ``training_data`` (e.g. ``{"max_objects": 3}``) goes to ``training_data.json``."""
     from safetensors.torch import save_file
 
     from clevrgen.diffusion import training_scheduler
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if training_data is not None:
+        atomic_write_text(run_dir / DATA_FILE, json.dumps(training_data) + "\n")
     _replace_dir(lambda tmp: model.unet.save_pretrained(tmp, safe_serialization=True), run_dir / UNET_DIR)
     proj = {k: v.detach().float().cpu().contiguous() for k, v in model.label_proj.state_dict().items()}
     with atomic_path(run_dir / LABEL_PROJ_FILE) as tmp:
         save_file(proj, str(tmp))
     _replace_dir(lambda tmp: training_scheduler(config.diffusion).save_pretrained(tmp), run_dir / SCHEDULER_DIR)
     atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
+
+
+def training_data_of(run_dir: Path) -> dict:
+    """What the run's ``training_data.json`` records ({} for runs saved without one)."""
+    try:
+        record = json.loads((Path(run_dir) / DATA_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def max_objects_of(labels: torch.Tensor) -> int:
+    """The most objects in one image of a multi-hot label set [N, 24]."""
+    return int(labels.sum(dim=1).max().item()) if len(labels) else 0
 
 
 def artifact_dir(path: Path) -> Path:
@@ -100,7 +139,11 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[Label
     run_dir = artifact_dir(path)
     if not run_dir.exists():
         raise CheckpointError(f"checkpoint not found: {run_dir}")
-    missing = [n for n in (UNET_DIR, LABEL_PROJ_FILE, CONFIG_FILE) if not (run_dir / n).exists()]
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run folder: pass the folder that `clevrgen train --out` wrote")
+    unet_dir = _settled_dir(run_dir / UNET_DIR)
+    missing = [n for n, p in ((UNET_DIR, unet_dir), (LABEL_PROJ_FILE, run_dir / LABEL_PROJ_FILE),
+                              (CONFIG_FILE, run_dir / CONFIG_FILE)) if not p.exists()]
     if missing:
         raise CheckpointError(
             f"{run_dir} is not a clevrgen run folder (missing {', '.join(missing)}); "
@@ -109,20 +152,68 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[Label
     try:
         config = load_config(run_dir / CONFIG_FILE)
     except ConfigError as exc:
-        raise CheckpointError(f"{run_dir / CONFIG_FILE}: {exc}") from None
+        raise CheckpointError(f"{run_dir / CONFIG_FILE} is not a valid run config:\n"
+                              + "\n".join(f"  {p}" for p in exc.problems)) from None
     try:
-        unet = UNet2DModel.from_pretrained(run_dir / UNET_DIR)
+        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True,
+                                           low_cpu_mem_usage=_have_accelerate())
+    except Exception as exc:  # truncated or foreign files
+        raise CheckpointError(f"cannot load the UNet in {unet_dir}: {_unet_problem(unet_dir, exc)}; "
+                              "the run folder is damaged or not from clevrgen") from None
+    _check_architecture(unet_dir, unet.config, config.model)
+    try:
         proj = load_file(str(run_dir / LABEL_PROJ_FILE))
         label_proj = nn.Linear(NUM_CLASSES, proj["weight"].shape[0])
         label_proj.load_state_dict(proj)
-    except ClevrgenError:
-        raise
     except Exception as exc:  # truncated files, foreign weights, shape mismatches
-        raise CheckpointError(f"cannot load the checkpoint in {run_dir}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load {run_dir / LABEL_PROJ_FILE}: {first_line(exc)}; "
+                              "the run folder is damaged or not from clevrgen") from None
     model = LabelConditionedUNet(unet, label_proj)
     if label_proj.out_features != unet.config.block_out_channels[0] * 4:
         raise CheckpointError(f"{run_dir}: the label projection does not fit the UNet")
     return model.to(device).eval(), config
+
+
+def _have_accelerate() -> bool:
+    """diffusers warns at every load without ``accelerate``; ask for what it would fall back to."""
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def _unet_problem(unet_dir: Path, exc: Exception) -> str:
+    """A short reason: safetensors' own message for a truncated file, else the first line."""
+    from safetensors import safe_open
+
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        return f"{weights.name} is missing"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as inner:
+        return f"{weights.name} is truncated or not a safetensors file ({first_line(inner)})"
+    return first_line(exc)
+
+
+def _plain(value) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def _check_architecture(unet_dir: Path, saved: dict, cfg: ModelConfig) -> None:
+    """The weights must be the architecture ``config.toml`` describes (sampling relies on it)."""
+    expected = unet_arguments(cfg)
+    differ = [k for k, v in expected.items()
+              if (list(saved.get(k)) if isinstance(saved.get(k), (list, tuple)) else saved.get(k))
+              != (list(v) if isinstance(v, tuple) else v)]
+    if differ:
+        k = differ[0]
+        raise CheckpointError(
+            f"{unet_dir.parent}: config.toml does not match the weights in {unet_dir.name}/ "
+            f"({k}: config gives {_plain(expected[k])}, the weights have {_plain(saved.get(k))}); "
+            "the folder mixes files of different runs"
+        )
 
 
 def latest_run(root: Path = Path("runs")) -> Path:

@@ -63,6 +63,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     A crash or kill at any moment leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
+    check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -75,9 +76,35 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None:  # disk full, a folder in the way...
+            raise ClevrgenError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def check_writable(path: Path | str, folder: bool = False) -> None:
+    """Fail early, before any work, when ``path`` (a file, or with ``folder`` a folder) cannot be
+    written: a folder where a file should go, a file where a folder should go, no permission."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise ClevrgenError(f"cannot write {path}: it is a folder; give a file name, e.g. {path / 'out.png'}")
+    if path.exists() and not path.is_dir() and folder:
+        raise ClevrgenError(f"cannot write into {path}: it is a file, not a folder")
+    parent = path if folder else path.parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ClevrgenError(f"cannot write {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or _is_virtual(existing):
+        raise ClevrgenError(f"cannot write {path}: {existing} is not writable")
+
+
+def _is_virtual(folder: Path) -> bool:
+    """/proc and /sys accept no new folders, even from root (whom os.access always allows)."""
+    resolved = folder.resolve()
+    return resolved.parts[:2] in (("/", "proc"), ("/", "sys"))
 
 
 def atomic_write(path: Path | str, writer: Callable[[IO[bytes]], Any]) -> None:

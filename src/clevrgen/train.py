@@ -22,7 +22,7 @@ from clevrgen.config import Config, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
 from clevrgen.errors import CheckpointError, ClevrgenError, UsageError
-from clevrgen.model import LabelConditionedUNet, build_model, save_artifact
+from clevrgen.model import LabelConditionedUNet, build_model, max_objects_of, save_artifact
 from clevrgen.runtime import (
     append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, init_distributed, resolve_device,
 )
@@ -145,7 +145,8 @@ class Trainer:
         """The resumable state (atomic) and the sampling artifact (EMA weights)."""
         with atomic_path(self.run_dir / STATE_FILE) as tmp:
             torch.save(self.state_dict(), tmp)
-        save_artifact(self.ema_model(), self.cfg, self.run_dir)
+        save_artifact(self.ema_model(), self.cfg, self.run_dir,
+                      {"max_objects": max_objects_of(self.train_set.labels), "images": len(self.train_set)})
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / STATE_FILE

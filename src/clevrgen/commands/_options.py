@@ -92,4 +92,4 @@ def load_config_of_run(run: Path) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{path} is not a valid run config:\n" + "\n".join(f"  {p}" for p in exc.problems)) from None

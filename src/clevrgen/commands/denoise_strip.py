@@ -44,6 +44,9 @@ def denoise_strip(
     scenes = load_label_sets(str(labels)) if labels is not None else [phrases]
     for scene in scenes:
         parse_phrases(scene)
+    from clevrgen.runtime import check_writable
+
+    check_writable(out)
     pipeline = load_pipeline(checkpoint, config, overrides, print_config,
                              steps=steps, sampler=sampler, guidance=guidance, seed=seed)
     s = pipeline.config.sample

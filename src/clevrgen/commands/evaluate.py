@@ -48,6 +48,9 @@ def evaluate(
     split = split or pipeline.config.evaluate.split
     evaluator = evaluator or pipeline.config.evaluate.evaluator
     out = out or pipeline.run_dir / f"eval-{Path(split).stem}"
+    from clevrgen.runtime import check_writable
+
+    check_writable(out, folder=True)
     result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json)
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("config", "per_class_recall")}))

@@ -37,7 +37,10 @@ def sample(
     from clevrgen.evaluation import save_grid
     from clevrgen.labels import parse_phrases
 
-    parse_phrases(phrases)  # fail on a bad phrase before loading anything
+    from clevrgen.runtime import check_writable
+
+    parse_phrases(phrases)  # fail on a bad phrase or an unwritable path before loading anything
+    check_writable(out)
     pipeline = load_pipeline(checkpoint, config, overrides, print_config,
                              num=num, seed=seed, steps=steps, sampler=sampler, guidance=guidance)
     s = pipeline.config.sample

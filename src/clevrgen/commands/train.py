@@ -47,6 +47,10 @@ def train(
         cfg = resolve_config(config, overrides, print_config)
         stem = config.stem if config is not None else "run"
         run_dir = out or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from clevrgen.runtime import check_writable, resolve_device
+
+    check_writable(run_dir, folder=True)  # an unwritable --out or a missing GPU fails before any work
+    resolve_device(cfg.train.device)
     data = load_dataset(cfg.data)
     result = run_training(cfg, run_dir, data, resume=resume is not None)
     if not result.is_main:  # under torchrun, rank 0 speaks for the job

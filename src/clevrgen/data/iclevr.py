@@ -91,7 +91,12 @@ def read_json(path: Path) -> object:
 def read_spec(root: Path) -> dict[str, list[str]]:
     """``train.json`` of a dataset folder, checked against the 24-class vocabulary."""
     if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root} (expected train.json, objects.json, iclevr/*.png)")
+        what = "is a file, not a folder" if root.exists() else "not found"
+        raise DataError(f"dataset folder {what}: {root} (expected train.json, objects.json, iclevr/*.png)")
+    absent = [n for n in ("train.json", "objects.json", "iclevr/") if not (root / n).exists()]
+    if absent and absent != ["iclevr/"]:  # images alone may live in the cache (see load_iclevr)
+        raise DataError(f"{root} is not an i-CLEVR dataset folder: {', '.join(absent)} missing "
+                        "(expected train.json, objects.json, iclevr/*.png)")
     objects = read_json(root / "objects.json")
     if not isinstance(objects, dict) or {normalize_phrase(k): v for k, v in objects.items()} != CLASS_INDEX:
         raise DataError(f"{root / 'objects.json'}: does not hold the 24 i-CLEVR classes in their official order")
@@ -116,7 +121,7 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_rgb(image)
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             array = np.asarray(image, dtype=np.uint8)
@@ -125,6 +130,24 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"corrupt or unreadable image: {path} ({exc})") from None
     return array.transpose(2, 0, 1)
+
+
+def _to_rgb(image):
+    """Any PIL mode -> RGB. 16-bit and float grayscale are scaled to 8 bits (PIL's own convert
+    clips them to white); palettes are expanded; alpha is dropped."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = values.max(initial=0.0)
+        if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
+            scale = 255 / 65535
+        elif image.mode == "F" and peak <= 1.0:
+            scale = 255.0
+        else:
+            scale = 1.0
+        image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
 
 def labels_tensor(phrase_lists: list[list[str]]) -> torch.Tensor:
@@ -206,6 +229,10 @@ def load_iclevr(root: Path | str, cache_dir: Path | None = None, progress: bool 
     path = cache_path(root, cache_dir)
     data = load_cache(path, fingerprint)
     if data is None:
+        # a folder written as a cache only (`clevrgen data render --format cache`) has no iclevr/
+        if not (root / "iclevr").is_dir():
+            raise DataError(f"{root} is not an i-CLEVR dataset folder: iclevr/ missing "
+                            "(expected train.json, objects.json, iclevr/*.png)")
         data = decode_folder(root, spec, progress=progress)
         try:
             save_cache(path, data, fingerprint)
