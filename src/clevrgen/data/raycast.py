@@ -53,7 +53,7 @@ class SceneStyle:
     metal_probability: float = 0.0
     cube_scale: float = 0.93
     """Cube half-edge / size: about 1 in i-CLEVR, 1/sqrt(2) in the generator."""
-    cylinder_height: float = 1.0
+    cylinder_height: float = 0.97
     """Cylinder half-height / radius."""
     first_at_origin: bool = True
     ring: float = 2.5
@@ -66,7 +66,7 @@ class SceneStyle:
     """Visible pixels each object must cover at 64x64 (re-drawn otherwise)."""
     lamp_power: tuple[float, float, float] = (6.98, 2.33, 3.50)
     sun_power: float = 0.176
-    bounce: float = 0.25
+    bounce: float = 0.8
     """Light bounced from the floor onto objects, as a fraction of the floor's own light."""
     gloss: float = 0.06
     penumbra: tuple[float, float] = (0.4, 0.35)
@@ -88,7 +88,7 @@ class SceneStyle:
     exposure: float = 1.0
     noise: float = 1.3
     """Render grain, std in 0-255 levels (measured on the real images' flat floor)."""
-    object_gain: float = 1.28
+    object_gain: float = 0.98
     """Extra light on objects: the bounces a one-bounce model misses (matched to real colors)."""
 
 
