@@ -123,11 +123,13 @@ def test_cli_render(tmp_path, monkeypatch):
     (["--spec", "missing.json"], "missing file"),
     (["--spec", "{bad}"], "unknown phrase"),
     (["--spec", "{escape}"], "plain .png file names"),
+    (["--spec", "{empty}"], "no phrases"),
 ])
 def test_cli_render_user_errors(tmp_path, args, message):
-    if args[-1] in ("{bad}", "{escape}"):
+    if args[-1] in ("{bad}", "{escape}", "{empty}"):
         bad = tmp_path / "bad.json"
-        table = {"x_0.png": ["pink cube"]} if args[-1] == "{bad}" else {"../x_0.png": ["red cube"]}
+        table = {"{bad}": {"x_0.png": ["pink cube"]}, "{escape}": {"../x_0.png": ["red cube"]},
+                 "{empty}": {"x_0.png": []}}[args[-1]]
         bad.write_text(json.dumps(table))
         args = ["--spec", str(bad)]
     result = CliRunner().invoke(app, ["data", "render", "--out", str(tmp_path / "o"), *args])

@@ -142,6 +142,8 @@ def plan_scenes(spec: dict[str, list[str]]) -> list[tuple[str, list[int], list[t
         classes: list[int] = []
         images = []
         for _, name in members:
+            if not spec[name]:
+                raise PhraseError(f"{name}: no phrases: an image shows at least one object")
             wanted = []
             for phrase in spec[name]:
                 try:
@@ -189,6 +191,8 @@ def iter_render(spec: dict[str, list[str]], seed: int = 0, device: torch.device 
 def render_dataset(spec: dict[str, list[str]], seed: int = 0, device: torch.device | str = "cpu",
                    progress: bool = True, style: SceneStyle | None = None) -> ImageSet:
     """Render every image of ``spec`` (name -> phrases) as an :class:`ImageSet` in spec order."""
+    if not spec:
+        raise DataError("nothing to render: the spec lists no images")
     images: dict[str, torch.Tensor] = {}
     for names, batch, _ in _tracked(iter_render(spec, seed, device, style=style), len(spec), progress):
         images.update(zip(names, batch))
