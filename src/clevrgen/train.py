@@ -219,7 +219,8 @@ class Trainer:
         plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
 
     # --- the loop ----------------------------------------------------------------------------
-    def train_step(self) -> float:
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; the loss stays on the device (no sync)."""
         x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen)
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -232,13 +233,18 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self.model.parameters())
         self.step += 1
-        loss = loss.detach()
-        if self.dist.enabled:  # the mean over ranks: every rank logs, and stops, on the same value
+        return loss.detach()
+
+    def mean_loss(self, total: torch.Tensor, steps: int) -> float:
+        """The mean loss of a window of steps over all ranks: every rank logs, and stops, on the
+        same value. The one place the loop waits for the device."""
+        if self.dist.enabled:
             import torch.distributed as dist
 
-            dist.all_reduce(loss)
-            loss /= self.dist.world_size
-        return loss.item()
+            total = total.clone()
+            dist.all_reduce(total)
+            total /= self.dist.world_size
+        return (total / steps).item()
 
     def barrier(self) -> None:
         if self.dist.enabled:
@@ -271,37 +277,42 @@ class Trainer:
         metrics = self.run_dir / METRICS_FILE
         loss = ips = float("nan")
         val_loss = None
-        window_start, window_images, losses = time.perf_counter(), 0, []
+        window_start, window_images = time.perf_counter(), 0
+        window_loss, window_steps = torch.zeros((), device=self.device), 0
         bar = make_progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
                             enabled=self.progress and main)
         try:
             with bar:
                 task = bar.add_task("training", total=t.steps, completed=self.step, loss=float("nan"), ips=0.0)
                 while self.step < t.steps:
-                    loss = self.train_step()
-                    if not math.isfinite(loss):
-                        raise ClevrgenError(
-                            f"the loss became non-finite ({loss}) at step {self.step}; the last good checkpoint "
-                            f"in {self.run_dir} is kept. Try a lower train.lr or train.precision='fp32'."
-                        )
-                    losses.append(loss)
+                    window_loss += self.train_step()
+                    window_steps += 1
                     window_images += t.batch_size * self.dist.world_size
                     last = self.step == t.steps
                     evaluate_now = self.step % t.eval_every == 0 or last
-                    if main and (self.step % t.log_every == 0 or evaluate_now):
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize()
+                    log_now = self.step % t.log_every == 0 or evaluate_now
+                    checkpoint_now = self.step % t.checkpoint_every == 0 or last
+                    if log_now or checkpoint_now:  # never checkpoint weights a non-finite loss has touched
+                        loss = self.mean_loss(window_loss, window_steps)
+                        if not math.isfinite(loss):
+                            raise ClevrgenError(
+                                f"the loss became non-finite ({loss}) by step {self.step}; the last good checkpoint "
+                                f"in {self.run_dir} is kept. Try a lower train.lr or train.precision='fp32'."
+                            )
+                    if log_now:
                         ips = window_images / (time.perf_counter() - window_start)
-                        record = {"step": self.step, "loss": sum(losses) / len(losses),
-                                  "lr": self.lr_schedule.get_last_lr()[0], "images_per_second": ips}
-                        if evaluate_now:
-                            record.update(self.evaluate())
-                            val_loss = record.get("val_loss", val_loss)
-                        append_jsonl(metrics, record)
-                        window_start, window_images, losses = time.perf_counter(), 0, []
+                        if main:
+                            record = {"step": self.step, "loss": loss, "lr": self.lr_schedule.get_last_lr()[0],
+                                      "images_per_second": ips}
+                            if evaluate_now:
+                                record.update(self.evaluate())
+                                val_loss = record.get("val_loss", val_loss)
+                            append_jsonl(metrics, record)
+                        window_start, window_images = time.perf_counter(), 0
+                        window_loss, window_steps = torch.zeros((), device=self.device), 0
                     if main and (self.step % t.sample_every == 0 or last):
                         self.sample_grid(self.ema_model())
-                    if self.step % t.checkpoint_every == 0 or last:
+                    if checkpoint_now:
                         if main:
                             self.save_checkpoint()
                         self.barrier()
@@ -333,7 +344,10 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
         if resume:
             trainer.load_checkpoint()
             if trainer.dist.is_main:
+                from clevrgen.runtime import remove_stale_temporaries
+
                 drop_metrics_after(run_dir / METRICS_FILE, trainer.step)
+                remove_stale_temporaries(run_dir)  # half-written files of the killed run
         return trainer.run()
     finally:
         if trainer.dist.enabled:
