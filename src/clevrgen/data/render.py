@@ -175,6 +175,7 @@ def iter_render(spec: dict[str, list[str]], seed: int = 0, device: torch.device 
         scenes = sample_scenes([c for _, c, _ in chunk], [k for k, _, _ in chunk], seed, style, device)
         K = scenes.shape.shape[1]
         rows, shown, names, facts = [], [], [], []
+        on_cpu = scenes.to("cpu")  # facts read element by element: no device syncs
         for i, (_, _, images) in enumerate(chunk):
             for name, objects in images:
                 mask = torch.zeros(K, dtype=torch.bool)
@@ -182,7 +183,7 @@ def iter_render(spec: dict[str, list[str]], seed: int = 0, device: torch.device 
                 rows.append(i)
                 shown.append(mask)
                 names.append(name)
-                facts.append([f for j, f in enumerate(scene_facts(scenes, i, K)) if j in objects])
+                facts.append([f for j, f in enumerate(scene_facts(on_cpu, i, K)) if j in objects])
         index = torch.tensor(rows, device=scenes.shape.device)
         images = render_scenes(scenes.index(index), torch.stack(shown).to(index.device))
         yield names, images.cpu(), facts
