@@ -56,6 +56,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask is process-wide, and writers run in threads
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
@@ -75,12 +84,25 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide a shared run from its group
         os.replace(tmp_path, path)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno is not None:  # disk full, a folder in the way...
             raise ClevrgenError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files that writers killed mid-write left in ``folder`` (and its
+    ``samples/``). Only for a folder no other process is writing, e.g. a run being resumed."""
+    removed = []
+    for sub in (folder, folder / "samples"):
+        for tmp in sub.glob(".*.tmp") if sub.is_dir() else ():
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def check_writable(path: Path | str, folder: bool = False) -> None:
