@@ -119,3 +119,32 @@ def test_sigkill_at_random_moments_then_resume_is_exact(dataset, tmp_path):
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     leftovers = [p.name for p in run.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
+
+
+def test_ctrl_c_mid_step_and_mid_log_window_resumes_exactly(dataset, tmp_path, monkeypatch):
+    """Ctrl-C lands inside a training step (here: between backward and the optimizer step) and
+    inside a log window (log_every=2): the step is finished, the partial window is checkpointed,
+    and the resumed run logs and ends exactly as a straight one."""
+    from clevrgen.train import TrainingInterrupted
+
+    data = load_iclevr(dataset, progress=False)
+    cfg = load_config(None, [*TINY, "train.steps=6", "train.log_every=2", "train.checkpoint_every=4"])
+    train(cfg, tmp_path / "straight", data, progress=False)
+
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_press_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_press_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3; checkpoint saved"):
+        train(cfg, tmp_path / "run", data, progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
+    assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["step"] == 3
+    train(cfg, tmp_path / "run", data, resume=True, progress=False)
+    assert trace(tmp_path / "run") == trace(tmp_path / "straight")
+    a, b = (torch.load(r / STATE_FILE, weights_only=True)["model"] for r in (tmp_path / "straight", tmp_path / "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

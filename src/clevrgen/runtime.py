@@ -139,6 +139,33 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[Any]:
+    """Within: a first Ctrl-C (SIGINT) only sets ``.requested``, so a loop can stop at a clean
+    boundary (a half-done optimizer step would make a torn checkpoint); a second one raises
+    KeyboardInterrupt at once, with ``.forced`` set. Outside the main thread it does nothing."""
+    import signal
+    import threading
+    import types
+
+    state = types.SimpleNamespace(requested=False, forced=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state.requested:
+            state.forced = True
+            raise KeyboardInterrupt
+        state.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

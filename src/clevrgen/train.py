@@ -24,7 +24,8 @@ from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
 from clevrgen.errors import CheckpointError, ClevrgenError, UsageError
 from clevrgen.model import LabelConditionedUNet, build_model, max_objects_of, save_artifact
 from clevrgen.runtime import (
-    append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, init_distributed, resolve_device,
+    append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, deferred_sigint, init_distributed,
+    resolve_device,
 )
 
 STATE_FILE = "state.pt"
@@ -115,6 +116,8 @@ class Trainer:
         self.noise_scheduler = training_scheduler(cfg.diffusion)
         self.gen = torch.Generator(self.device).manual_seed(self.rank_seed(0))
         self.step = 0
+        # The loss summed since the last log record; checkpointed, so a resumed window logs exactly.
+        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
         self.forward = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -139,6 +142,7 @@ class Trainer:
             "gen": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "world_size": self.dist.world_size,
+            "window": {"loss": self.window_loss.detach().cpu(), "steps": self.window_steps},
         }
 
     def save_checkpoint(self) -> None:
@@ -161,6 +165,9 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
             self.step = int(state["step"])
+            if "window" in state:
+                self.window_loss = state["window"]["loss"].to(self.device)
+                self.window_steps = int(state["window"]["steps"])
             torch.set_rng_state(state["torch_rng"])
             if int(state.get("world_size", 1)) == 1 == self.dist.world_size:
                 self.gen.set_state(state["gen"])  # exact continuation of a single-process run
@@ -278,22 +285,22 @@ class Trainer:
         loss = ips = float("nan")
         val_loss = None
         window_start, window_images = time.perf_counter(), 0
-        window_loss, window_steps = torch.zeros((), device=self.device), 0
         bar = make_progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
                             enabled=self.progress and main)
+        interrupt = None
         try:
-            with bar:
+            with bar, deferred_sigint() as interrupt:
                 task = bar.add_task("training", total=t.steps, completed=self.step, loss=float("nan"), ips=0.0)
                 while self.step < t.steps:
-                    window_loss += self.train_step()
-                    window_steps += 1
+                    self.window_loss += self.train_step()
+                    self.window_steps += 1
                     window_images += t.batch_size * self.dist.world_size
                     last = self.step == t.steps
                     evaluate_now = self.step % t.eval_every == 0 or last
                     log_now = self.step % t.log_every == 0 or evaluate_now
                     checkpoint_now = self.step % t.checkpoint_every == 0 or last
                     if log_now or checkpoint_now:  # never checkpoint weights a non-finite loss has touched
-                        loss = self.mean_loss(window_loss, window_steps)
+                        loss = self.mean_loss(self.window_loss, self.window_steps)
                         if not math.isfinite(loss):
                             raise ClevrgenError(
                                 f"the loss became non-finite ({loss}) by step {self.step}; the last good checkpoint "
@@ -309,7 +316,7 @@ class Trainer:
                                 val_loss = record.get("val_loss", val_loss)
                             append_jsonl(metrics, record)
                         window_start, window_images = time.perf_counter(), 0
-                        window_loss, window_steps = torch.zeros((), device=self.device), 0
+                        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
                     if main and (self.step % t.sample_every == 0 or last):
                         self.sample_grid(self.ema_model())
                     if checkpoint_now:
@@ -317,7 +324,14 @@ class Trainer:
                             self.save_checkpoint()
                         self.barrier()
                     bar.update(task, completed=self.step, loss=loss, ips=ips)
+                    if interrupt.requested:  # Ctrl-C: stop here, between two whole steps
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
+            if interrupt is not None and interrupt.forced:
+                raise TrainingInterrupted(
+                    f"interrupted twice at step {self.step}: stopped without saving; {self.run_dir} keeps its last "
+                    f"checkpoint. Resume with: clevrgen train --resume {self.run_dir}"
+                ) from None
             if main:
                 self.save_checkpoint()
             raise TrainingInterrupted(
