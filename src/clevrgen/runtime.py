@@ -140,16 +140,17 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def deferred_sigint() -> Iterator[Any]:
+def deferred_sigint(enabled: bool = True) -> Iterator[Any]:
     """Within: a first Ctrl-C (SIGINT) only sets ``.requested``, so a loop can stop at a clean
     boundary (a half-done optimizer step would make a torn checkpoint); a second one raises
-    KeyboardInterrupt at once, with ``.forced`` set. Outside the main thread it does nothing."""
+    KeyboardInterrupt at once, with ``.forced`` set. Disabled, or outside the main thread, it
+    does nothing (Ctrl-C raises KeyboardInterrupt as usual)."""
     import signal
     import threading
     import types
 
     state = types.SimpleNamespace(requested=False, forced=False)
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield state
         return
 

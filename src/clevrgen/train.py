@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from clevrgen.config import Config, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
-from clevrgen.errors import CheckpointError, ClevrgenError, UsageError
+from clevrgen.errors import CheckpointError, ClevrgenError, UsageError, first_line
 from clevrgen.model import LabelConditionedUNet, build_model, max_objects_of, save_artifact
 from clevrgen.runtime import (
     append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, deferred_sigint, init_distributed,
@@ -174,7 +174,7 @@ class Trainer:
             else:  # another job shape: each rank draws afresh from (seed, rank, step)
                 self.gen.manual_seed(self.rank_seed(self.step))
         except Exception as exc:
-            raise CheckpointError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot resume from {path}: {first_line(exc)}") from None
 
     def ema_model(self) -> LabelConditionedUNet:
         model = copy.deepcopy(self.model).float().to(memory_format=torch.contiguous_format)
@@ -289,7 +289,8 @@ class Trainer:
                             enabled=self.progress and main)
         interrupt = None
         try:
-            with bar, deferred_sigint() as interrupt:
+            # Under DDP each rank would stop at its own step and leave the others waiting: no deferral.
+            with bar, deferred_sigint(enabled=not self.dist.enabled) as interrupt:
                 task = bar.add_task("training", total=t.steps, completed=self.step, loss=float("nan"), ips=0.0)
                 while self.step < t.steps:
                     self.window_loss += self.train_step()
