@@ -148,3 +148,22 @@ def test_ctrl_c_mid_step_and_mid_log_window_resumes_exactly(dataset, tmp_path, m
     assert trace(tmp_path / "run") == trace(tmp_path / "straight")
     a, b = (torch.load(r / STATE_FILE, weights_only=True)["model"] for r in (tmp_path / "straight", tmp_path / "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch):
+    from clevrgen.train import TrainingInterrupted
+
+    cfg = load_config(None, [*TINY, "train.steps=6", "train.checkpoint_every=2"])
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_press_ctrl_c_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_press_ctrl_c_twice)
+    with pytest.raises(TrainingInterrupted, match="interrupted twice at step 2: stopped without saving"):
+        train(cfg, tmp_path / "run", load_iclevr(dataset, progress=False), progress=False)
+    assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["step"] == 2
