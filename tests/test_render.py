@@ -59,6 +59,7 @@ def test_objects_rest_apart_and_each_is_visible():
     clearance = gaps - radius[:, :, None] - radius[:, None]
     off_diagonal = ~torch.eye(5, dtype=torch.bool)
     assert bool((clearance[:, off_diagonal] >= scenes.style.gap - 1e-5).all())
+    assert bool((gaps[:, off_diagonal] >= scenes.style.spacing - 1e-5).all())
     assert torch.equal(scenes.xy[:, 0], torch.zeros(6, 2))  # i-CLEVR: the first object at the origin
     assert bool((scenes.xy[:, 1:].abs().amax(-1) >= scenes.style.ring - 1e-5).all())
 

@@ -60,6 +60,9 @@ class SceneStyle:
     """Later objects keep at least this distance from the first along x or y (a square ring)."""
     extent: float = 3.0
     gap: float = 0.25
+    """Least clearance between two objects (centre distance minus both bounding radii)."""
+    spacing: float = 2.5
+    """Least centre distance between any two objects."""
     camera_jitter: float = 0.0
     light_jitter: float = 1.0
     min_pixels: float = 11.0
@@ -68,6 +71,8 @@ class SceneStyle:
     sun_power: float = 0.176
     bounce: float = 0.8
     """Light bounced from the floor onto objects, as a fraction of the floor's own light."""
+    ambient: float = 0.0
+    """Light from all around (the lit floor and backdrop), as a fraction of the floor's own light."""
     gloss: float = 0.06
     penumbra: tuple[float, float] = (0.4, 0.35)
     """Shadow softness: a constant blur plus a widening per unit distance to the occluder."""
@@ -377,7 +382,7 @@ def _object_color(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, t: torch.Ten
     up[:, 2] = 1.0
     rows = torch.arange(B, device=d.device).repeat_interleave(K)
     floor_light = sum(e for _, _, e in _irradiance(foot, up, _lights(scenes, rows))).view(B, K, 3)[b, k]
-    ambient = st.bounce * (1 - n[:, 2:3]) * 0.5 * (floor_light * st.floor_albedo + st.floor_ambient)
+    ambient = (st.bounce * (1 - n[:, 2:3]) * 0.5 + st.ambient) * (floor_light * st.floor_albedo + st.floor_ambient)
     rubber = albedo * (diffuse + ambient) + st.gloss * spec
     # metal: a tinted mirror of a mid-gray world, with sharp tinted highlights
     env = torch.where(n[:, 2:3] > 0, 0.12, 0.06) * (1 + (n * view).sum(-1, keepdim=True))

@@ -85,6 +85,7 @@ def sample_scenes(classes: Sequence[Sequence[int]], keys: Sequence[str], seed: i
             for j in range(k):
                 dist = (c - xy[:, j, None]).norm(dim=-1)
                 valid &= dist - radius[todo, k, None] - radius[todo, j, None] >= style.gap
+                valid &= dist >= style.spacing
                 if j == 0 and style.first_at_origin:  # a square ring around the first object
                     valid &= (c - xy[:, j, None]).abs().amax(-1) >= style.ring
             first = valid.float().argmax(1)
