@@ -342,6 +342,8 @@ def test_unwritable_run_and_eval_folders(runner, run, dataset, tmp_path):
     expect(runner, ["evaluate", "--checkpoint", run, "--out", tmp_path / "afile" / "eval"], 1,
            "afile is a file, not a folder")
     expect(runner, ["data", "info", dataset, "--grid", "/proc/nope.png"], 1, "cannot write /proc/nope.png")
+    expect(runner, ["data", "render", "--out", "/proc/nope", "--random", "2"], 1, "/proc is not writable")
+    expect(runner, ["data", "render", "--out", tmp_path / "afile", "--random", "2"], 1, "it is a file, not a folder")
     assert (tmp_path / "afile").read_text() == "keep me"
 
 

@@ -110,7 +110,7 @@ def check_writable(path: Path | str, folder: bool = False) -> None:
     written: a folder where a file should go, a file where a folder should go, no permission."""
     path = Path(path)
     if path.is_dir() and not folder:
-        raise ClevrgenError(f"cannot write {path}: it is a folder; give a file name, e.g. {path / 'out.png'}")
+        raise ClevrgenError(f"cannot write {path}: it is a folder, not a file; give a file name")
     if path.exists() and not path.is_dir() and folder:
         raise ClevrgenError(f"cannot write into {path}: it is a file, not a folder")
     parent = path if folder else path.parent

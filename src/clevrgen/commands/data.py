@@ -63,7 +63,7 @@ def render(
     from clevrgen.data.render import random_spec, render_folder
     from clevrgen.errors import DataError, UsageError
     from clevrgen.labels import asset_path
-    from clevrgen.runtime import resolve_device
+    from clevrgen.runtime import check_writable, resolve_device
 
     if fmt not in ("png", "cache", "both"):
         raise UsageError(f"--format must be png, cache or both (got {fmt!r})")
@@ -77,6 +77,7 @@ def render(
             isinstance(v, list) and all(isinstance(p, str) for p in v) for v in table.values()
         ) or not table:
             raise DataError(f"{spec}: expected a non-empty JSON object mapping image names to phrase lists")
+    check_writable(out, folder=True)
     counts = render_folder(out, table, seed=seed, device=resolve_device(device), fmt=fmt)
     typer.echo(f"wrote {out}: {counts['rendered']:,} images rendered, {counts['kept']:,} already there")
 
