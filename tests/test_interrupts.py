@@ -84,7 +84,11 @@ def test_sigkill_at_random_moments_then_resume_is_exact(dataset, tmp_path):
     steps = 16
     values = settings(dataset, f"train.steps={steps}", "train.log_every=2")  # a window spans checkpoints
     straight = tmp_path / "straight"
-    train(load_config(None, values), straight, load_iclevr(dataset, progress=False), progress=False)
+    data = load_iclevr(dataset, progress=False)
+    began = time.perf_counter()
+    train(load_config(None, values), straight, data, progress=False)
+    # Kill within about two steps of a new checkpoint, however fast this machine is.
+    longest_delay = min(0.5, 2 * (time.perf_counter() - began) / steps)
 
     run = tmp_path / "killed"
     rng = random.Random(int(os.environ.get("CLEVRGEN_KILL_SEED", time.time_ns())))
@@ -94,7 +98,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(dataset, tmp_path):
         process = start(args)
         # Kill only once this process has trained (a new checkpoint): killing during start-up tests nothing.
         if wait_for(lambda: mtime(run / STATE_FILE) != before, process):
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, longest_delay))
             process.kill()
         process.communicate(timeout=60)
         if process.returncode == 0:  # it finished before the kill
