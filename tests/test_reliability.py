@@ -311,6 +311,7 @@ def test_a_pickle_with_code_is_refused(runner, run, tmp_path):
     judge = tmp_path / "judge.pth"
     torch.save(Exploit(), judge)
     expect(runner, ["evaluator", "score", copy, "--evaluator", judge], 1, "not a readable torch checkpoint")
+    expect(runner, ["evaluator", "score", copy, "--evaluator", copy], 1, "is a folder, not a judge")
     assert not (tmp_path / "pwned").exists()
 
 

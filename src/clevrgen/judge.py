@@ -116,6 +116,8 @@ def load_judge(path: Path | None = None, device: torch.device | str = "cpu") -> 
     None loads the shipped judge. It outputs probabilities [B, 24]."""
     shipped = path is None
     path = asset_path(SHIPPED) if shipped else Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a judge: pass a course .pth or a clevrgen judge .safetensors")
     if not path.is_file():
         hint = " (the shipped judge is missing: train one with `clevrgen evaluator train`)" if shipped else ""
         raise CheckpointError(f"judge checkpoint not found: {path}{hint}")
