@@ -48,15 +48,15 @@ def resolve_run_config(run: Path, overrides: list[str] | None, print_config: boo
 
 CheckpointOption = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", help="A run folder written by `clevrgen train`. [default: the newest under runs/]"),
+    typer.Option("--checkpoint", help="A run folder written by `clevrgen train`. (default: the newest under runs/)"),
 ]
-SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Base seed; image i uses seed + i. [default: sample.seed]")]
-StepsOption = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. [default: sample.steps]")]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Base seed; image i uses seed + i. (default: sample.seed)")]
+StepsOption = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. (default: sample.steps)")]
 SamplerOption = Annotated[
-    Optional[str], typer.Option("--sampler", help="ddpm, ddim or dpm++. [default: sample.sampler]")
+    Optional[str], typer.Option("--sampler", help="ddpm, ddim or dpm++. (default: sample.sampler)")
 ]
 GuidanceOption = Annotated[
-    Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale (>= 0). [default: sample.guidance]")
+    Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale (>= 0). (default: sample.guidance)")
 ]
 
 

@@ -25,14 +25,14 @@ EXAMPLES = """Examples:
 
 
 def evaluate(
-    split: Annotated[Optional[str], typer.Option("--split", help="test, new_test, or a JSON file of phrase lists. [default: evaluate.split]")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="test, new_test, or a JSON file of phrase lists. (default: evaluate.split)")] = None,
     checkpoint: CheckpointOption = None,
-    evaluator: Annotated[Optional[Path], typer.Option("--evaluator", help="A course-format classifier .pth (key 'model') or a clevrgen judge. [default: the shipped judge]")] = None,
+    evaluator: Annotated[Optional[Path], typer.Option("--evaluator", help="A course-format classifier .pth (key 'model') or a clevrgen judge. (default: the shipped judge)")] = None,
     steps: StepsOption = None,
     sampler: SamplerOption = None,
     guidance: GuidanceOption = None,
     seed: SeedOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the grid, images and results. [default: RUN/eval-<split>]")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the grid, images and results. (default: RUN/eval-<split>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,

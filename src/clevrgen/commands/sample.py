@@ -24,7 +24,7 @@ EXAMPLES = """Examples:
 def sample(
     phrases: Annotated[list[str], typer.Argument(help="One to three color-shape phrases, e.g. \"red sphere\".")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The grid PNG to write.")] = Path("out.png"),
-    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="How many images. [default: sample.num]")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="How many images. (default: sample.num)")] = None,
     seed: SeedOption = None,
     steps: StepsOption = None,
     sampler: SamplerOption = None,

@@ -29,7 +29,7 @@ def train(
     config: ConfigOption = None,
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. [default: runs/<config>-<time>]")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. (default: runs/<config>-<time>)")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
 ) -> None:
     from rich.console import Console
