@@ -197,21 +197,20 @@ def _unet_problem(unet_dir: Path, exc: Exception) -> str:
     return first_line(exc)
 
 
-def _plain(value) -> str:
-    return repr(list(value) if isinstance(value, tuple) else value)
+def _plain(value):
+    """Config values as comparable plain data: diffusers keeps tuples, TOML gives lists."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _check_architecture(unet_dir: Path, saved: dict, cfg: ModelConfig) -> None:
     """The weights must be the architecture ``config.toml`` describes (sampling relies on it)."""
     expected = unet_arguments(cfg)
-    differ = [k for k, v in expected.items()
-              if (list(saved.get(k)) if isinstance(saved.get(k), (list, tuple)) else saved.get(k))
-              != (list(v) if isinstance(v, tuple) else v)]
+    differ = [k for k, v in expected.items() if _plain(saved.get(k)) != _plain(v)]
     if differ:
         k = differ[0]
         raise CheckpointError(
             f"{unet_dir.parent}: config.toml does not match the weights in {unet_dir.name}/ "
-            f"({k}: config gives {_plain(expected[k])}, the weights have {_plain(saved.get(k))}); "
+            f"({k}: config gives {_plain(expected[k])!r}, the weights have {_plain(saved.get(k))!r}); "
             "the folder mixes files of different runs"
         )
 

@@ -70,9 +70,10 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
 
     A crash or kill at any moment leaves either the old file or the new one, never half of one.
+    Commands call :func:`check_writable` once, before any work; here a failed write still ends
+    in one clear message.
     """
     path = Path(path)
-    check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -104,6 +104,8 @@ class Trainer:
         shard = slice(self.dist.rank, None, self.dist.world_size)
         self.images = resize_images(self.train_set.images[shard], cfg.model.image_size).to(self.device)
         self.labels = self.train_set.labels[shard].to(self.device)
+        # What the artifact records about the data (sampling warns beyond max_objects).
+        self.training_data = {"max_objects": max_objects_of(self.train_set.labels), "images": len(self.train_set)}
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
@@ -149,8 +151,7 @@ class Trainer:
         """The resumable state (atomic) and the sampling artifact (EMA weights)."""
         with atomic_path(self.run_dir / STATE_FILE) as tmp:
             torch.save(self.state_dict(), tmp)
-        save_artifact(self.ema_model(), self.cfg, self.run_dir,
-                      {"max_objects": max_objects_of(self.train_set.labels), "images": len(self.train_set)})
+        save_artifact(self.ema_model(), self.cfg, self.run_dir, self.training_data)
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / STATE_FILE

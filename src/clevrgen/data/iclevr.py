@@ -64,7 +64,8 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     import torch.nn.functional as F
 
     mode = "area" if size < images.shape[-1] else "bilinear"
-    out = F.interpolate(images.float(), size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    out = F.interpolate(images.float(), size=(size, size), mode=mode,
+                        align_corners=False if mode == "bilinear" else None)
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
