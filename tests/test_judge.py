@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,32 @@ def test_shipped_judge_config_validates():
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "judge.toml")
     assert cfg.judge.precision == "bf16" and cfg.judge.minutes
+
+
+def test_weight_average_follows_the_model():
+    from clevrgen.judge import _update_average
+
+    model, average = build_judge(), build_judge()
+    before = average.fc[0].weight.clone()
+    model.bn1.num_batches_tracked.fill_(7)
+    _update_average(average, model, decay=0.9)
+    expected = 0.9 * before + 0.1 * model.fc[0].weight
+    assert torch.allclose(average.fc[0].weight, expected, atol=1e-6)
+    assert int(average.bn1.num_batches_tracked) == 7
+
+
+def test_evaluator_train_with_average_and_renders(tmp_path, cli):
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "run" / "judge.safetensors"
+    result = cli("train", "--data", data, "--out", out, "--set", "judge.epochs=1", "--set", "judge.batch_size=8",
+                 "--set", "data.val_fraction=0.25", "--set", "judge.device=cpu", "--set", "judge.ema=0.5",
+                 "--set", "judge.render_extra=3", "--set", "judge.render_objects=[4, 5]")
+    assert result.exit_code == 0, result.output
+    # 6 real training images plus 3 scenes of 4-5 objects (one image each from 4 objects up)
+    assert re.search(r"(9|1[0-2]) training images \(with [3-6] renders\)", result.output), result.output
+    assert json.loads(read_metadata(out)["config"])["ema"] == 0.5
+
+
+def test_render_objects_range_is_checked(cli):
+    result = cli("train", "--set", "judge.render_objects=[3, 7]")
+    assert result.exit_code == 2 and "judge.render_objects" in result.output

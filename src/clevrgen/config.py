@@ -136,7 +136,20 @@ class JudgeConfig(Section):
     seed: int = 0
     device: Device = "auto"
     render_extra: int = Field(0, ge=0)
-    """Extra rendered scenes (4-5 objects) mixed into the judge's training set."""
+    """Rendered scenes mixed into the judge's training set (drawn by the embedded renderer
+    with ``render_objects`` objects each; the real set has at most 3)."""
+    render_objects: tuple[int, int] = (4, 5)
+    """(MIN, MAX) objects per rendered scene of ``render_extra``."""
+    ema: float = Field(0.0, ge=0.0, lt=1.0)
+    """Decay of an exponential moving average of the weights (0: off). When on, the average
+    is what is evaluated, kept and shipped."""
+
+    @field_validator("render_objects")
+    @classmethod
+    def _object_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 5:
+            raise ValueError("must be [MIN, MAX] with 1 <= MIN <= MAX <= 5 (the renderer draws at most 5)")
+        return value
     hflip: bool = True
     translate: int = Field(3, ge=0, le=8)
     """Random shifts of up to this many pixels (edges repeated; objects stay in view)."""

@@ -312,6 +312,7 @@ def train_judge(
     """Train a judge from scratch: AdamW, warmup + cosine LR, BCE on the 24 outputs,
     label-preserving augmentation. With ``cfg.minutes`` the schedule runs over wall-clock time
     (for a shared machine) and training stops when it is spent, or after ``cfg.epochs``.
+    With ``cfg.ema`` the moving average of the weights is what is scored and returned.
     Returns the best epoch's model (by held-out top-k, then exact; the last epoch when ``val``
     is empty) and one history record per epoch. ``on_epoch(model, record,
     is_best)`` runs after each epoch (the command saves the best model there)."""
@@ -328,6 +329,10 @@ def train_judge(
     model = build_judge().to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    # with cfg.ema the moving average is what is scored and kept; BatchNorm statistics are
+    # averaged with the weights
+    average = copy.deepcopy(model).eval() if cfg.ema else None
+    judged = average if average is not None else model
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     budget = cfg.minutes * 60 if cfg.minutes else None
@@ -360,6 +365,8 @@ def train_judge(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if average is not None:
+                    _update_average(average, model, cfg.ema)
                 total_loss, steps, done = total_loss + loss.item(), steps + 1, done + 1
                 if budget:
                     bar.update(task, completed=min(time.time() - begun, budget), loss=loss.item())
@@ -372,11 +379,11 @@ def train_judge(
                 "seconds": round(time.time() - started, 1),
             }
             if len(val):
-                scores = evaluate_judge(model, val)
+                scores = evaluate_judge(judged, val)
                 record.update(topk_accuracy=scores["topk_accuracy"], exact_accuracy=scores["exact_accuracy"])
             is_best = not len(val) or _better(record, best)
             if is_best:
-                best, best_state = record, copy.deepcopy(model.state_dict())
+                best, best_state = record, copy.deepcopy(judged.state_dict())
             history.append(record)
             if progress:
                 held = (f"held-out top-k {record['topk_accuracy']:.4f}  exact {record['exact_accuracy']:.4f}"
@@ -384,8 +391,20 @@ def train_judge(
                 console.print(f"epoch {epoch}{'' if budget else f'/{cfg.epochs}'}  loss {record['train_loss']:.4f}  {held}"
                               f"  ({record['seconds']:.0f} s){'  best' if is_best else ''}")
             if on_epoch is not None:
-                on_epoch(model, record, is_best)
+                on_epoch(judged, record, is_best)
             if out_of_time:
                 break
-    model.load_state_dict(best_state)
-    return model.to(memory_format=torch.contiguous_format).eval(), history
+    judged.load_state_dict(best_state)
+    return judged.to(memory_format=torch.contiguous_format).eval(), history
+
+
+@torch.no_grad()
+def _update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * model, over weights and float buffers
+    (BatchNorm statistics); integer buffers (batch counts) are copied."""
+    pairs = [(a, m) for a, m in zip(average.state_dict().values(), model.state_dict().values())]
+    floats = [(a, m) for a, m in pairs if a.is_floating_point()]
+    torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1.0 - decay)
+    for a, m in pairs:
+        if not a.is_floating_point():
+            a.copy_(m)

@@ -45,8 +45,6 @@ def train(
     root = data or cfg.data.path
     if root is None:
         raise UsageError("no training data: pass --data DIR (an i-CLEVR layout folder) or set data.path")
-    if cfg.judge.render_extra:
-        raise UsageError("judge.render_extra is not supported yet: train on an i-CLEVR folder with --data")
 
     import torch
 
@@ -58,7 +56,15 @@ def train(
     seed_everything(cfg.judge.seed)
     dataset = load_iclevr(root, cache_dir=cfg.data.cache_dir)
     train_set, val_set = split_scenes(dataset, cfg.data.val_fraction, cfg.data.split_seed)
-    typer.echo(f"{len(train_set):,} training images, {len(val_set):,} held out ({torch.get_num_threads()} threads)", err=True)
+    rendered = ""
+    if cfg.judge.render_extra:
+        from clevrgen.data.embedded import concat, render_random
+
+        extra = render_random(cfg.judge.render_extra, cfg.judge.render_objects, seed=cfg.judge.seed)
+        train_set = concat(train_set, extra)
+        rendered = f" (with {len(extra):,} renders)"
+    typer.echo(f"{len(train_set):,} training images{rendered}, {len(val_set):,} held out "
+               f"({torch.get_num_threads()} threads)", err=True)
     atomic_write_text(out.with_name("config.toml"), to_toml(cfg))
     metrics = out.with_name("metrics.jsonl")
     metrics.unlink(missing_ok=True)

@@ -29,3 +29,23 @@ def load_embedded(seed: int = 0, cache_dir: Path | None = None, progress: bool =
         data = render_dataset(json.loads(spec_file.read_text()), seed=seed, progress=progress)
         save_cache(path, data, fingerprint)
     return data
+
+
+def render_random(count: int, objects: tuple[int, int], seed: int = 0, progress: bool = True) -> ImageSet:
+    """``count`` random scenes of ``objects`` = (MIN, MAX) objects, rendered (not cached): the
+    images of each scene from MIN objects up, as :func:`clevrgen.data.render.random_spec` names them."""
+    from clevrgen.data.render import random_spec, render_dataset
+
+    return render_dataset(random_spec(count, objects, seed), seed=seed, progress=progress)
+
+
+def concat(*sets: ImageSet) -> ImageSet:
+    """One image set of several; scene ids of later sets are shifted so that none collide."""
+    import torch
+
+    shifted, offset = [], 0
+    for part in sets:
+        shifted.append(part.scenes + offset)
+        offset += int(part.scenes.max()) + 1 if len(part) else 0
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
+                    torch.cat(shifted), [n for s in sets for n in s.names])
