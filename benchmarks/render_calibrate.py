@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clevrgen.data import raycast as R
+from clevrgen.data.raycast.image import dense_rays
+from clevrgen.data.raycast.scene import SceneStyle, ray_dirs
+from clevrgen.data.raycast.shading import backdrop, floor_color
 from clevrgen.data.render import sample_scenes
 
 
@@ -34,7 +36,7 @@ def real_mean(root: Path, count: int = 1500) -> torch.Tensor:
     return linear.mean(0)  # [64, 64, 3]
 
 
-def basis(style: R.SceneStyle, jitters: int = 32) -> torch.Tensor:
+def basis(style: SceneStyle, jitters: int = 32) -> torch.Tensor:
     """[6, 64, 64, 3]: the floor lit by each light alone at unit power, averaged over jitter; a
     constant; and the light on the upright part of the backdrop."""
     scenes = sample_scenes([[0]] * jitters, [f"j{i}" for i in range(jitters)], 0, style)
@@ -48,12 +50,12 @@ def basis(style: R.SceneStyle, jitters: int = 32) -> torch.Tensor:
             sun = 1.0
         s = replace(scenes, style=replace(style, lamp_power=tuple(powers), sun_power=sun, floor_ambient=0.0,
                                           wall_light=0.0))
-        b, y, x = R._dense_rays(jitters, 64, 64, "cpu")
-        floor = R._floor(s, b, R._ray_dirs(s.camera, b, y, x, 64, 64), shadows=False)
+        b, y, x = dense_rays(jitters, 64, 64, "cpu")
+        floor = floor_color(s, b, ray_dirs(s.camera, b, y, x, 64, 64), shadows=False)
         out.append(floor.view(jitters, 64, 64, 3).mean(0))
     out.append(torch.ones(64, 64, 3))
-    b, y, x = R._dense_rays(1, 64, 64, "cpu")
-    _, n = R._backdrop(scenes.camera[b], R._ray_dirs(scenes.camera, b, y, x, 64, 64), style.backdrop)
+    b, y, x = dense_rays(1, 64, 64, "cpu")
+    _, n = backdrop(scenes.camera[b], ray_dirs(scenes.camera, b, y, x, 64, 64), style.backdrop)
     out.append((1 - n[:, 2]).view(64, 64, 1).expand(64, 64, 3))
     return torch.stack(out)
 
@@ -76,7 +78,7 @@ def main(root: str) -> None:
     mask[14:40, 22:42] = False  # the first object and its shadow
     best = None
     for start, radius in itertools.product([4.5, 6.0, 7.5], [1.5, 3.0, 5.0]):
-        style = replace(R.SceneStyle(), backdrop=(start, radius))
+        style = replace(SceneStyle(), backdrop=(start, radius))
         A = basis(style)[:, mask].reshape(6, -1).T  # [pixels*3, 6]
         y = target[mask].reshape(-1)
         coef = nonnegative_lstsq(A, y)
