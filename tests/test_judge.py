@@ -288,11 +288,25 @@ def test_weight_average_follows_the_model():
 
     model, average = build_judge(), build_judge()
     before = average.fc[0].weight.clone()
-    model.bn1.num_batches_tracked.fill_(7)
-    _update_average(average, model, decay=0.9)
+    _update_average(average, model, decay=0.9, step=1000)
     expected = 0.9 * before + 0.1 * model.fc[0].weight
     assert torch.allclose(average.fc[0].weight, expected, atol=1e-6)
-    assert int(average.bn1.num_batches_tracked) == 7
+    _update_average(average, model, decay=0.9, step=0)  # early on, mostly the model: d = 1/10
+    assert torch.allclose(average.fc[0].weight, 0.1 * expected + 0.9 * model.fc[0].weight, atol=1e-6)
+
+
+def test_batchnorm_statistics_are_measured_afresh():
+    from clevrgen.data.iclevr import ImageSet
+    from clevrgen.judge import _refresh_batchnorm
+
+    model = build_judge()
+    model.bn1.running_mean.fill_(5.0)
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    data = ImageSet(images, torch.zeros(8, 24), torch.arange(8), [f"{i}.png" for i in range(8)])
+    cfg = JudgeConfig(batch_size=4, precision="fp32")
+    _refresh_batchnorm(model, data, cfg, torch.Generator().manual_seed(0), torch.device("cpu"), torch.contiguous_format)
+    assert not model.training and model.bn1.momentum == 0.1
+    assert model.bn1.running_mean.abs().max() < 5.0 and int(model.bn1.num_batches_tracked) == 2
 
 
 def test_evaluator_train_with_average_and_renders(tmp_path, cli):

@@ -329,8 +329,8 @@ def train_judge(
     model = build_judge().to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    # with cfg.ema the moving average is what is scored and kept; BatchNorm statistics are
-    # averaged with the weights
+    # with cfg.ema the moving average is what is scored and kept; its BatchNorm statistics are
+    # measured afresh before each evaluation (averaged weights do not match averaged statistics)
     average = copy.deepcopy(model).eval() if cfg.ema else None
     judged = average if average is not None else model
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -366,7 +366,7 @@ def train_judge(
                 loss.backward()
                 optimizer.step()
                 if average is not None:
-                    _update_average(average, model, cfg.ema)
+                    _update_average(average, model, cfg.ema, done)
                 total_loss, steps, done = total_loss + loss.item(), steps + 1, done + 1
                 if budget:
                     bar.update(task, completed=min(time.time() - begun, budget), loss=loss.item())
@@ -378,6 +378,9 @@ def train_judge(
                 "epoch": epoch, "steps": steps, "train_loss": total_loss / steps,
                 "seconds": round(time.time() - started, 1),
             }
+            if average is not None:
+                _refresh_batchnorm(average, train, cfg, torch.Generator().manual_seed(cfg.seed + epoch),
+                                   device, memory_format)
             if len(val):
                 scores = evaluate_judge(judged, val)
                 record.update(topk_accuracy=scores["topk_accuracy"], exact_accuracy=scores["exact_accuracy"])
@@ -399,12 +402,29 @@ def train_judge(
 
 
 @torch.no_grad()
-def _update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average <- decay * average + (1 - decay) * model, over weights and float buffers
-    (BatchNorm statistics); integer buffers (batch counts) are copied."""
-    pairs = [(a, m) for a, m in zip(average.state_dict().values(), model.state_dict().values())]
-    floats = [(a, m) for a, m in pairs if a.is_floating_point()]
-    torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1.0 - decay)
-    for a, m in pairs:
-        if not a.is_floating_point():
-            a.copy_(m)
+def _update_average(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """average <- d * average + (1 - d) * model over the weights, with d = min(decay,
+    (1 + step) / (10 + step)) so that the random initialization is soon forgotten."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(average.parameters()), list(model.parameters()), 1.0 - d)
+
+
+@torch.no_grad()
+def _refresh_batchnorm(model: nn.Module, data: ImageSet, cfg: JudgeConfig, generator: torch.Generator,
+                       device: torch.device, memory_format: torch.memory_format, batches: int = 16) -> None:
+    """Measure the BatchNorm statistics of ``model``'s own weights on up to ``batches``
+    augmented training batches (a cumulative average), then leave it in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    order = torch.randperm(len(data), generator=generator)[:batches * cfg.batch_size]
+    for index in order.split(cfg.batch_size):
+        x = augment(data.images[index], cfg, generator).to(device, memory_format=memory_format)
+        with autocast(device, autocast_dtype(cfg.precision, device)):
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
