@@ -166,3 +166,35 @@ def test_evaluate_command_with_a_course_format_judge(runner, trained_run, tmp_pa
     assert (out / "grid.png").is_file() and (out / "results.json").is_file()
     assert len(list((out / "iclevr").glob("*.png"))) == 32
     assert len(json.loads((out / "train.json").read_text())) == 32
+
+
+def test_fresh_scenes_fill_part_of_each_batch_and_resume_exactly(tmp_path, dataset):
+    data = load_iclevr(dataset, progress=False)
+    cfg = tiny_config("train.steps=3", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.image_size=32")
+    trainer = Trainer(cfg, None, data, progress=False)
+    images, labels = trainer.fresh.draw(step=5)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert set(labels.sum(1).tolist()) <= {2.0, 3.0}
+    again, _ = trainer.fresh.draw(step=5)
+    assert torch.equal(images, again) and not torch.equal(images, trainer.fresh.draw(step=6)[0])
+
+    straight = train(cfg, tmp_path / "a", data, progress=False)
+    train(tiny_config("train.steps=2", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.image_size=32"),
+          tmp_path / "b", data, progress=False)
+    resumed = train(cfg, tmp_path / "b", data, resume=True, progress=False)
+    assert straight.step == resumed.step == 3
+    trace = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert trace(tmp_path / "a") == trace(tmp_path / "b")
+    assert json.loads((tmp_path / "a" / "training_data.json").read_text())["max_objects"] == 3
+
+
+def test_draw_batch_puts_fresh_scenes_first():
+    from clevrgen.train import draw_batch
+
+    cfg = tiny_config("train.label_dropout=0", "train.hflip=false")
+    stored = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    fresh = (torch.full((1, 3, 8, 8), 255, dtype=torch.uint8), torch.ones(1, 24))
+    x0, labels = draw_batch(stored, torch.zeros(6, 24), cfg, torch.Generator().manual_seed(0), fresh)
+    assert x0.shape[0] == cfg.train.batch_size
+    assert (x0[0] == 1).all() and (x0[1:] == -1).all()
+    assert labels[0].sum() == 24 and labels[1:].sum() == 0

@@ -36,6 +36,18 @@ class DataConfig(Section):
     split_seed: int = 0
     render_seed: int = 0
     """Seed of the embedded dataset's renders."""
+    fresh: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of every training batch drawn as new scenes, rendered on the training device at
+    each step (0: off; 1: every image is new). The held-out scenes still come from the dataset."""
+    fresh_objects: tuple[int, int] = (1, 3)
+    """(MIN, MAX) objects of a fresh scene, each count equally likely (i-CLEVR: 1-3)."""
+
+    @field_validator("fresh_objects")
+    @classmethod
+    def _object_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 5:
+            raise ValueError("must be [MIN, MAX] with 1 <= MIN <= MAX <= 5 (the renderer draws at most 5)")
+        return value
 
 
 class ModelConfig(Section):

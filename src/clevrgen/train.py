@@ -51,17 +51,23 @@ def lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
-def draw_batch(images: torch.Tensor, labels: torch.Tensor, cfg: Config, gen: torch.Generator):
-    """A random batch on the device: images in [-1, 1] (randomly flipped), labels with dropout."""
+def draw_batch(images: torch.Tensor, labels: torch.Tensor, cfg: Config, gen: torch.Generator,
+               fresh: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """A random batch on the device: images in [-1, 1] (randomly flipped), labels with dropout.
+    ``fresh`` (uint8 images, labels), new scenes of this step, take the batch's first rows."""
     n, b = images.shape[0], cfg.train.batch_size
     device = images.device
     index = torch.randint(n, (b,), generator=gen, device=device)
-    x0 = to_float(images[index])
+    batch, labels = images[index], labels[index]
+    if fresh is not None:
+        m = len(fresh[0])
+        batch, labels = torch.cat([fresh[0], batch[m:]]), torch.cat([fresh[1], labels[m:]])
+    x0 = to_float(batch)
     if cfg.train.hflip:
         flip = torch.rand(b, generator=gen, device=device) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     keep = torch.rand(b, generator=gen, device=device) >= cfg.train.label_dropout
-    return x0, labels[index] * keep[:, None]
+    return x0, labels * keep[:, None]
 
 
 def diffusion_loss(model, noise_scheduler, x0, labels, gen, amp_dtype) -> torch.Tensor:
@@ -104,8 +110,17 @@ class Trainer:
         shard = slice(self.dist.rank, None, self.dist.world_size)
         self.images = resize_images(self.train_set.images[shard], cfg.model.image_size).to(self.device)
         self.labels = self.train_set.labels[shard].to(self.device)
+        # New scenes rendered on the device at every step, if the config asks for them.
+        self.fresh = None
+        if cfg.data.fresh > 0:
+            from clevrgen.data.embedded import FreshScenes
+
+            self.fresh = FreshScenes(max(1, round(cfg.data.fresh * cfg.train.batch_size)), cfg.data.fresh_objects,
+                                     cfg.model.image_size, self.device, cfg.train.seed, self.dist.rank)
         # What the artifact records about the data (sampling warns beyond max_objects).
-        self.training_data = {"max_objects": max_objects_of(self.train_set.labels), "images": len(self.train_set)}
+        self.training_data = {"max_objects": max(max_objects_of(self.train_set.labels),
+                                                 cfg.data.fresh_objects[1] if self.fresh else 0),
+                              "images": len(self.train_set)}
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
@@ -229,7 +244,8 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
         """One optimizer step; the loss stays on the device (no sync)."""
-        x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen)
+        fresh = self.fresh.draw(self.step) if self.fresh is not None else None
+        x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen, fresh)
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         loss = diffusion_loss(self.forward, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype)

@@ -49,3 +49,32 @@ def concat(*sets: ImageSet) -> ImageSet:
         offset += int(part.scenes.max()) + 1 if len(part) else 0
     return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
                     torch.cat(shifted), [n for s in sets for n in s.names])
+
+
+class FreshScenes:
+    """New scenes for every training step, laid out and rendered on ``device``: ``count``
+    scenes of ``objects`` = (MIN, MAX) distinct classes, resized to ``size``. What a step draws
+    depends only on (seed, rank, step), so a resumed run draws the same scenes."""
+
+    def __init__(self, count: int, objects: tuple[int, int], size: int, device, seed: int = 0, rank: int = 0):
+        self.count, self.objects, self.size = count, objects, size
+        self.device, self.seed, self.rank = device, seed, rank
+
+    def draw(self, step: int):
+        """(uint8 images [count, 3, size, size], float multi-hot labels [count, 24]) on the device."""
+        import torch
+
+        from clevrgen.data.iclevr import resize_images
+        from clevrgen.data.render import render_scenes, sample_scenes
+        from clevrgen.labels import NUM_CLASSES
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7_919 + step)
+        lo, hi = self.objects
+        counts = torch.randint(lo, hi + 1, (self.count,), generator=g).tolist()
+        classes = [torch.randperm(NUM_CLASSES, generator=g)[:k].tolist() for k in counts]
+        keys = [f"fresh-{self.rank}-{step}-{i}" for i in range(self.count)]
+        images = render_scenes(sample_scenes(classes, keys, self.seed, device=self.device))
+        labels = torch.zeros(self.count, NUM_CLASSES)
+        for i, cls in enumerate(classes):
+            labels[i, cls] = 1.0
+        return resize_images(images, self.size), labels.to(self.device)
