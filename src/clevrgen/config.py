@@ -153,8 +153,8 @@ class JudgeConfig(Section):
     render_objects: tuple[int, int] = (4, 5)
     """(MIN, MAX) objects per rendered scene of ``render_extra``."""
     ema: float = Field(0.0, ge=0.0, lt=1.0)
-    """Decay of an exponential moving average of the weights (0: off). When on, the average
-    is what is evaluated, kept and shipped."""
+    """Decay of an exponential moving average of the weights (0: off). When on, the average,
+    with BatchNorm statistics measured afresh on training batches, is what is scored and kept."""
 
     @field_validator("render_objects")
     @classmethod
