@@ -324,3 +324,18 @@ def test_evaluator_train_with_average_and_renders(tmp_path, cli):
 def test_render_objects_range_is_checked(cli):
     result = cli("train", "--set", "judge.render_objects=[3, 7]")
     assert result.exit_code == 2 and "judge.render_objects" in result.output
+
+
+def test_evaluator_train_from_a_judge(tmp_path, cli):
+    data = write_folder(tmp_path / "data")
+    start = tmp_path / "start.pth"
+    torch.save({"model": build_judge().state_dict()}, start)
+    out = tmp_path / "run" / "judge.safetensors"
+    args = ["train", "--data", data, "--out", out, "--set", "judge.epochs=1", "--set", "judge.batch_size=4",
+            "--set", "judge.device=cpu", "--set", "judge.lr=1e-9"]
+    result = cli(*args, "--set", f"judge.init='{start}'")
+    assert result.exit_code == 0, result.output
+    # a vanishing learning rate: the weights are still the starting judge's
+    assert torch.allclose(load_judge(out).fc[0].weight, load_judge(start).fc[0].weight, atol=1e-3)
+    result = cli(*args, "--set", f"judge.init='{tmp_path / 'missing.pth'}'")
+    assert result.exit_code == 1 and "judge checkpoint not found" in result.output

@@ -152,6 +152,9 @@ class JudgeConfig(Section):
     with ``render_objects`` objects each; the real set has at most 3)."""
     render_objects: tuple[int, int] = (4, 5)
     """(MIN, MAX) objects per rendered scene of ``render_extra``."""
+    init: Path | None = None
+    """Start from this judge's weights (a course .pth or a clevrgen .safetensors) instead of
+    random ones: fine-tuning."""
     ema: float = Field(0.0, ge=0.0, lt=1.0)
     """Decay of an exponential moving average of the weights (0: off). When on, the average,
     with BatchNorm statistics measured afresh on training batches, is what is scored and kept."""

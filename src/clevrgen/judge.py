@@ -309,7 +309,7 @@ def train_judge(
     progress: bool = True,
     on_epoch: Callable[[nn.Module, dict[str, Any], bool], None] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Train a judge from scratch: AdamW, warmup + cosine LR, BCE on the 24 outputs,
+    """Train a judge from scratch (or from ``cfg.init``): AdamW, warmup + cosine LR, BCE on the 24 outputs,
     label-preserving augmentation. With ``cfg.minutes`` the schedule runs over wall-clock time
     (for a shared machine) and training stops when it is spent, or after ``cfg.epochs``.
     With ``cfg.ema`` the moving average of the weights is what is scored and returned.
@@ -326,7 +326,8 @@ def train_judge(
     dtype = autocast_dtype(cfg.precision, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = build_judge().to(device)
+    model = build_judge() if cfg.init is None else load_judge(cfg.init).train()
+    model = model.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     # with cfg.ema the moving average is what is scored and kept; its BatchNorm statistics are
