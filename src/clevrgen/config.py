@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clevrgen.errors import ConfigError
 
@@ -18,6 +18,16 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+def _object_range(value: tuple[int, int]) -> tuple[int, int]:
+    if not 1 <= value[0] <= value[1] <= 5:
+        raise ValueError("must be [MIN, MAX] with 1 <= MIN <= MAX <= 5 (the renderer draws at most 5)")
+    return value
+
+
+ObjectRange = Annotated[tuple[int, int], AfterValidator(_object_range)]
+"""(MIN, MAX) objects per rendered scene."""
 
 
 class Section(BaseModel):
@@ -39,15 +49,8 @@ class DataConfig(Section):
     fresh: float = Field(0.0, ge=0.0, le=1.0)
     """Share of every training batch drawn as new scenes, rendered on the training device at
     each step (0: off; 1: every image is new). The held-out scenes still come from the dataset."""
-    fresh_objects: tuple[int, int] = (1, 3)
+    fresh_objects: ObjectRange = (1, 3)
     """(MIN, MAX) objects of a fresh scene, each count equally likely (i-CLEVR: 1-3)."""
-
-    @field_validator("fresh_objects")
-    @classmethod
-    def _object_range(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= value[0] <= value[1] <= 5:
-            raise ValueError("must be [MIN, MAX] with 1 <= MIN <= MAX <= 5 (the renderer draws at most 5)")
-        return value
 
 
 class ModelConfig(Section):
@@ -150,7 +153,7 @@ class JudgeConfig(Section):
     render_extra: int = Field(0, ge=0)
     """Rendered scenes mixed into the judge's training set (drawn by the embedded renderer
     with ``render_objects`` objects each; the real set has at most 3)."""
-    render_objects: tuple[int, int] = (4, 5)
+    render_objects: ObjectRange = (4, 5)
     """(MIN, MAX) objects per rendered scene of ``render_extra``."""
     init: Path | None = None
     """Start from this judge's weights (a course .pth or a clevrgen .safetensors) instead of
@@ -158,13 +161,6 @@ class JudgeConfig(Section):
     ema: float = Field(0.0, ge=0.0, lt=1.0)
     """Decay of an exponential moving average of the weights (0: off). When on, the average,
     with BatchNorm statistics measured afresh on training batches, is what is scored and kept."""
-
-    @field_validator("render_objects")
-    @classmethod
-    def _object_range(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= value[0] <= value[1] <= 5:
-            raise ValueError("must be [MIN, MAX] with 1 <= MIN <= MAX <= 5 (the renderer draws at most 5)")
-        return value
     hflip: bool = True
     translate: int = Field(3, ge=0, le=8)
     """Random shifts of up to this many pixels (edges repeated; objects stay in view)."""

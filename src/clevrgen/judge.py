@@ -381,7 +381,7 @@ def train_judge(
             }
             if average is not None:
                 _refresh_batchnorm(average, train, cfg, torch.Generator().manual_seed(cfg.seed + epoch),
-                                   device, memory_format)
+                                   device, memory_format, dtype)
             if len(val):
                 scores = evaluate_judge(judged, val)
                 record.update(topk_accuracy=scores["topk_accuracy"], exact_accuracy=scores["exact_accuracy"])
@@ -412,9 +412,11 @@ def _update_average(average: nn.Module, model: nn.Module, decay: float, step: in
 
 @torch.no_grad()
 def _refresh_batchnorm(model: nn.Module, data: ImageSet, cfg: JudgeConfig, generator: torch.Generator,
-                       device: torch.device, memory_format: torch.memory_format, batches: int = 16) -> None:
+                       device: torch.device, memory_format: torch.memory_format,
+                       dtype: torch.dtype | None = None, batches: int = 16) -> None:
     """Measure the BatchNorm statistics of ``model``'s own weights on up to ``batches``
-    augmented training batches (a cumulative average), then leave it in eval mode."""
+    augmented training batches (a cumulative average, under autocast to ``dtype`` if given),
+    then leave it in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -424,7 +426,7 @@ def _refresh_batchnorm(model: nn.Module, data: ImageSet, cfg: JudgeConfig, gener
     order = torch.randperm(len(data), generator=generator)[:batches * cfg.batch_size]
     for index in order.split(cfg.batch_size):
         x = augment(data.images[index], cfg, generator).to(device, memory_format=memory_format)
-        with autocast(device, autocast_dtype(cfg.precision, device)):
+        with autocast(device, dtype):
             model(x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum

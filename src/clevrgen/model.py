@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from clevrgen.config import Config, ModelConfig, load_config, to_toml
-from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, first_line
+from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.labels import NUM_CLASSES
 from clevrgen.runtime import atomic_path, atomic_write_text
 

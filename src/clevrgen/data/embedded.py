@@ -65,16 +65,12 @@ class FreshScenes:
         import torch
 
         from clevrgen.data.iclevr import resize_images
-        from clevrgen.data.render import render_scenes, sample_scenes
-        from clevrgen.labels import NUM_CLASSES
+        from clevrgen.data.render import random_label_sets, render_scenes, sample_scenes
+        from clevrgen.labels import CLASS_INDEX, multi_hot
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7_919 + step)
-        lo, hi = self.objects
-        counts = torch.randint(lo, hi + 1, (self.count,), generator=g).tolist()
-        classes = [torch.randperm(NUM_CLASSES, generator=g)[:k].tolist() for k in counts]
+        sets = random_label_sets(self.count, self.objects, g)
         keys = [f"fresh-{self.rank}-{step}-{i}" for i in range(self.count)]
+        classes = [[CLASS_INDEX[p] for p in phrases] for phrases in sets]
         images = render_scenes(sample_scenes(classes, keys, self.seed, device=self.device))
-        labels = torch.zeros(self.count, NUM_CLASSES)
-        for i, cls in enumerate(classes):
-            labels[i, cls] = 1.0
-        return resize_images(images, self.size), labels.to(self.device)
+        return resize_images(images, self.size), multi_hot(sets).to(self.device)

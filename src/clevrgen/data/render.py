@@ -308,18 +308,25 @@ class _nullfile:
         return False
 
 
+def random_label_sets(count: int, objects: tuple[int, int], generator: torch.Generator) -> list[list[str]]:
+    """``count`` lists of distinct phrases, each as long as a count drawn from ``objects`` = (MIN, MAX)."""
+    from clevrgen.labels import PHRASES
+
+    lo, hi = objects
+    sets = []
+    for _ in range(count):
+        n = int(torch.randint(lo, hi + 1, (), generator=generator))
+        sets.append([PHRASES[j] for j in torch.randperm(len(PHRASES), generator=generator)[:n].tolist()])
+    return sets
+
+
 def random_spec(count: int, objects: tuple[int, int] = (1, 3), seed: int = 0) -> dict[str, list[str]]:
     """``count`` random scenes named as in i-CLEVR: ``CLEVR_random_000000_k.png`` shows the scene's
     first k + 1 objects. Each scene draws its object count from ``objects`` = (MIN, MAX) and
     writes its images with at least MIN objects (with 1-3: the i-CLEVR sequences)."""
-    from clevrgen.labels import PHRASES
-
     g = torch.Generator().manual_seed(_scene_seed(seed, "random-spec"))
-    lo, hi = objects
     spec: dict[str, list[str]] = {}
-    for i in range(count):
-        n = int(torch.randint(lo, hi + 1, (), generator=g))
-        phrases = [PHRASES[j] for j in torch.randperm(len(PHRASES), generator=g)[:n].tolist()]
-        for k in range(lo - 1, n):
+    for i, phrases in enumerate(random_label_sets(count, objects, g)):
+        for k in range(objects[0] - 1, len(phrases)):
             spec[f"CLEVR_random_{i:06d}_{k}.png"] = phrases[:k + 1]
     return spec
