@@ -154,3 +154,28 @@ def test_generator_options_metal_two_sizes_anywhere():
     assert {round(s, 4) for s in scenes.size.flatten().tolist()} <= {0.7, 0.35}
     assert all(f["material"] == "metal" for f in R.scene_facts(scenes, 0))
     assert bool((R.object_pixels(scenes) >= style.min_pixels).all())
+
+
+def test_bevelled_edges_trim_cubes_and_cylinders_only():
+    # a cube, a sphere and a cylinder: rounding edges off takes pixels from the cube and the
+    # cylinder (their corners), never from the sphere (it can only show more of it, where an
+    # edge in front of it was cut away), and never makes a shape disappear
+    scenes = R.sample_scenes([[0, 9, 18]] * 3, [f"b{i}" for i in range(3)], seed=2)
+    sharp = R.object_pixels(scenes, size=128)
+    round_ = R.object_pixels(R.Scenes(**{**scenes.__dict__, "style": R.SceneStyle(bevel=0.3)}), size=128)
+    assert bool((round_[:, 1] >= sharp[:, 1]).all())
+    assert bool((round_[:, [0, 2]] < sharp[:, [0, 2]]).all())
+    assert bool((round_[:, [0, 2]] > 0.75 * sharp[:, [0, 2]]).all())
+    images = R.render_scenes(R.Scenes(**{**scenes.__dict__, "style": R.SceneStyle(bevel=0.3, noise=0)}))
+    assert torch.isfinite(images.float()).all() and images.float().std() > 5
+
+
+def test_shadow_strength_darkens_the_floor_per_light():
+    scenes = R.sample_scenes([[0, 9, 18]], ["s"], seed=0)
+
+    def floor_mean(strength):
+        style = R.SceneStyle(shadow_strength=strength, noise=0)
+        return R.render_scenes(R.Scenes(**{**scenes.__dict__, "style": style})).float().mean()
+
+    none, fill, all_ = floor_mean((0, 0, 0, 0)), floor_mean((0, 1, 0, 0)), floor_mean((1, 1, 1, 1))
+    assert all_ < fill < none

@@ -54,6 +54,49 @@ def _hit_box(ox, oy, oz, dx, dy, dz, half, height, yaw):
 
 _HITS = {CUBE: _hit_box, SPHERE: _hit_sphere, CYLINDER: _hit_cylinder}
 
+BEVEL_STEPS, BEVEL_EPS = 8, 1e-3
+
+
+def _rounded(kind, q, half, height, radius):
+    """(signed distance [P], outward normal [P, 3]) of local points q [P, 3] (centred on the
+    shape, in its yawed frame) to a cube or cylinder whose edges are rounded off with ``radius``."""
+    if kind == CUBE:
+        v = q.abs() - (half - radius)[:, None]
+        out = v.clamp_min(0)
+        n = out * torch.sign(q)
+    else:
+        rho = (q[:, 0] ** 2 + q[:, 1] ** 2).sqrt()
+        v = torch.stack([rho - (half - radius), q[:, 2].abs() - (height / 2 - radius)], -1)
+        out = v.clamp_min(0)
+        radial = q[:, :2] / rho.clamp_min(1e-9)[:, None]
+        n = torch.cat([out[:, :1] * radial, (out[:, 1] * torch.sign(q[:, 2]))[:, None]], -1)
+    dist = out.norm(dim=-1) + v.max(-1).values.clamp_max(0) - radius
+    return dist, F.normalize(n, dim=-1)
+
+
+def _bevel(kind, t, n, ox, oy, oz, dx, dy, dz, half, height, yaw, bevel):
+    """Round off the edges of a sharp cube or cylinder hit (t, n): the sharp shape bounds the
+    rounded one, so rays march on from its surface (sphere tracing) to the rounded surface, and
+    rays that only clip an edge miss."""
+    radius = bevel * half
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    if kind == CUBE:
+        o = torch.stack([c * ox + s * oy, -s * ox + c * oy, oz - height / 2], -1)
+        e = torch.stack([c * dx + s * dy, -s * dx + c * dy, dz], -1)
+    else:
+        o = torch.stack([ox, oy, oz - height / 2], -1)
+        e = torch.stack([dx, dy, dz], -1)
+    hit = torch.isfinite(t)
+    tt = t.nan_to_num(0, 0, 0)
+    for _ in range(BEVEL_STEPS):
+        dist, _ = _rounded(kind, o + tt[:, None] * e, half, height, radius)
+        tt = tt + dist.clamp_min(0)
+    dist, local = _rounded(kind, o + tt[:, None] * e, half, height, radius)
+    hit = hit & (dist < BEVEL_EPS * half)
+    if kind == CUBE:  # back to the world frame
+        local = torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]], -1)
+    return torch.where(hit, tt, INF), torch.where(hit[:, None], local, n)
+
 
 def nearest_hit(scenes: Scenes, b: torch.Tensor, o: torch.Tensor, d: torch.Tensor,
                  pixels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
@@ -80,8 +123,11 @@ def nearest_hit(scenes: Scenes, b: torch.Tensor, o: torch.Tensor, d: torch.Tenso
                 continue
             bi = b[idx]
             oi, di = o[idx], d[idx]
-            t, n = hit(oi[:, 0] - scenes.xy[bi, k, 0], oi[:, 1] - scenes.xy[bi, k, 1], oi[:, 2],
-                       di[:, 0], di[:, 1], di[:, 2], half[bi, k], height[bi, k], scenes.yaw[bi, k])
+            args = (oi[:, 0] - scenes.xy[bi, k, 0], oi[:, 1] - scenes.xy[bi, k, 1], oi[:, 2],
+                    di[:, 0], di[:, 1], di[:, 2], half[bi, k], height[bi, k], scenes.yaw[bi, k])
+            t, n = hit(*args)
+            if kind != SPHERE and scenes.style.bevel > 0:
+                t, n = _bevel(kind, t, n, *args, scenes.style.bevel)
             closer = t < t_best[idx]
             idx, t, n = idx[closer], t[closer], n[closer]
             t_best[idx] = t

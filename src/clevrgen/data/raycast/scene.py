@@ -37,10 +37,13 @@ class SceneStyle:
     sizes: tuple[float, ...] = (0.61,)
     """Object sizes (sphere radius) to choose from; CLEVR's generator used (0.7, 0.35)."""
     metal_probability: float = 0.0
-    cube_scale: float = 0.93
+    cube_scale: float = 0.97
     """Cube half-edge / size: about 1 in i-CLEVR, 1/sqrt(2) in the generator."""
     cylinder_height: float = 0.97
     """Cylinder half-height / radius."""
+    bevel: float = 0.0
+    """Cube and cylinder edges rounded off with this radius, a fraction of the half-width
+    (CLEVR's SmoothCube and SmoothCylinder are bevelled)."""
     first_at_origin: bool = True
     ring: float = 2.5
     """Later objects keep at least this distance from the first along x or y (a square ring)."""
@@ -60,15 +63,18 @@ class SceneStyle:
     ambient: float = 0.0
     """Light from all around (the lit floor and backdrop), as a fraction of the floor's own light."""
     gloss: float = 0.06
-    penumbra: tuple[float, float] = (0.4, 0.35)
+    penumbra: tuple[float, float] = (0.05, 0.15)
     """Shadow softness: a constant blur plus a widening per unit distance to the occluder."""
     floor_albedo: float = 0.8
     wall_light: float = 0.0067
     """Extra light on the upright part of the backdrop (matched to the real images' top rows)."""
     floor_scale: int = 2
     """The floor and its shadows are shaded at 1/floor_scale of the output resolution."""
-    shadow_lights: tuple[int, ...] = (0, 2, 3)
-    """Lights whose shadows are drawn (key, fill, back lamps, sun): the dim fill's are skipped."""
+    shadow_strength: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.3)
+    """How much of each light (key, fill, back lamps, sun) an object's shadow takes away: 1 a
+    full shadow, 0 none. The real shadows are fainter than single lamps make them (Blender's
+    lamps are large and the room bounces light into them); matched to the darkening each
+    added object brings to the real floor."""
     contact: tuple[float, float] = (0.0, 0.4)
     """Darkening of the floor right around an object (strength, reach): light it hides from all sides."""
     floor_ambient: float = 0.0

@@ -79,11 +79,11 @@ def floor_color(scenes: Scenes, b: torch.Tensor, d: torch.Tensor, shadows: bool)
                     height=object_height(scenes)[b], yaw=scenes.yaw[b])
     floor = torch.zeros_like(p)
     for i, (l, dist, e) in enumerate(irradiance(p, n, scene_lights(scenes, b))):
-        if shadows and i in st.shadow_lights:
+        if shadows and st.shadow_strength[i] > 0:
             lit = torch.ones_like(dist)
             for k in range(scenes.shape.shape[1]):
                 occ = occlusion(p, l, dist, penumbra=st.penumbra, **{key: v[:, k] for key, v in prim.items()})
-                lit = lit * (1 - occ * present[:, k])
+                lit = lit * (1 - occ * present[:, k] * st.shadow_strength[i])
             e = e * lit[:, None]
         floor = floor + e
     # the far wall of the backdrop is brighter and flatter than the lamps alone make it
