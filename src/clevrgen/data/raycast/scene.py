@@ -37,8 +37,8 @@ class SceneStyle:
     sizes: tuple[float, ...] = (0.61,)
     """Object sizes (sphere radius) to choose from; CLEVR's generator used (0.7, 0.35)."""
     metal_probability: float = 0.0
-    cube_scale: float = 0.97
-    """Cube half-edge / size: about 1 in i-CLEVR, 1/sqrt(2) in the generator."""
+    cube_scale: float = 0.95
+    """Cube half-edge / size: 0.95 measured in i-CLEVR, 1/sqrt(2) in the generator."""
     cylinder_height: float = 0.97
     """Cylinder half-height / radius."""
     bevel: float = 0.0
@@ -72,9 +72,8 @@ class SceneStyle:
     """The floor and its shadows are shaded at 1/floor_scale of the output resolution."""
     shadow_strength: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.3)
     """How much of each light (key, fill, back lamps, sun) an object's shadow takes away: 1 a
-    full shadow, 0 none. The real shadows are fainter than single lamps make them (Blender's
-    lamps are large and the room bounces light into them); matched to the darkening each
-    added object brings to the real floor."""
+    full shadow, 0 none. The real shadows are fainter than a lone lamp would make them: these
+    were matched to the darkening an added object brings to the real floor (docs/renderer.md)."""
     contact: tuple[float, float] = (0.0, 0.4)
     """Darkening of the floor right around an object (strength, reach): light it hides from all sides."""
     floor_ambient: float = 0.0
