@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from clevrgen.cli import app
 from clevrgen.data import render as R
 from clevrgen.data.iclevr import load_iclevr
+from clevrgen.errors import DataError
 from clevrgen.labels import CLASS_INDEX, multi_hot
 
 SPEC = {
@@ -94,6 +95,11 @@ def test_written_folder_reads_back(tmp_path, rendered, monkeypatch):
     assert resumed == {"rendered": 3, "kept": 1}  # the whole sequence, so it stays one scene
     assert torch.equal(load_iclevr(out, progress=False).images, rendered.images)
     assert json.loads((out / "scenes.json").read_text()) == scenes and not (out / "scenes.jsonl").exists()
+    # resuming with another seed would mix two renders: refused, and nothing is lost
+    with pytest.raises(DataError, match="another render"):
+        R.render_folder(out, SPEC, seed=4, progress=False)
+    assert json.loads((out / "train.json").read_text()) == SPEC
+    assert torch.equal(load_iclevr(out, progress=False).images, rendered.images)
 
 
 def test_cache_only_folder_reads_back_without_pngs(tmp_path, rendered, monkeypatch):
@@ -179,3 +185,13 @@ def test_shadow_strength_darkens_the_floor_per_light():
 
     none, fill, all_ = floor_mean((0, 0, 0, 0)), floor_mean((0, 1, 0, 0)), floor_mean((1, 1, 1, 1))
     assert all_ < fill < none
+
+
+def test_embedded_cache_is_keyed_by_the_renderer_settings():
+    from clevrgen.data.embedded import embedded_fingerprint
+
+    base = embedded_fingerprint(b"{}", 0)
+    assert base == embedded_fingerprint(b"{}", 0, R.SceneStyle())
+    assert base != embedded_fingerprint(b"{}", 1)
+    assert base != embedded_fingerprint(b'{"a": 1}', 0)
+    assert base != embedded_fingerprint(b"{}", 0, R.SceneStyle(cube_scale=0.9))

@@ -11,6 +11,15 @@ from clevrgen.labels import asset_path
 from clevrgen.runtime import user_cache_dir
 
 
+def embedded_fingerprint(spec: bytes, seed: int, style=None) -> str:
+    """Names a rendered set by everything its pixels depend on: the spec, the seed, the scene
+    settings and the renderer's version, so that a renderer change never reuses an old cache."""
+    from clevrgen.data.raycast import RENDERER_VERSION, SceneStyle
+
+    key = spec + f"seed={seed};style={style or SceneStyle()!r};renderer={RENDERER_VERSION}".encode()
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
 def load_embedded(seed: int = 0, cache_dir: Path | None = None, progress: bool = True) -> ImageSet:
     try:
         from clevrgen.data.render import render_dataset
@@ -22,7 +31,7 @@ def load_embedded(seed: int = 0, cache_dir: Path | None = None, progress: bool =
     import json
 
     spec_file = asset_path("train.json")
-    fingerprint = hashlib.sha256(spec_file.read_bytes() + f"seed={seed}".encode()).hexdigest()[:16]
+    fingerprint = embedded_fingerprint(spec_file.read_bytes(), seed)
     path = (cache_dir or user_cache_dir()) / f"rendered-{fingerprint}.safetensors"
     data = load_cache(path, fingerprint)
     if data is None:

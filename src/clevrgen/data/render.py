@@ -18,7 +18,7 @@ import torch
 
 from clevrgen.data.iclevr import ImageSet, labels_tensor, scene_ids, scene_key
 from clevrgen.data.raycast import (  # noqa: F401  (the renderer's public names)
-    CAMERA, COLORS, LAMPS, MAX_OBJECTS, SHAPES, SceneStyle, Scenes, bound_radius, object_height,
+    RENDERER_VERSION, CAMERA, COLORS, LAMPS, MAX_OBJECTS, SHAPES, SceneStyle, Scenes, bound_radius, object_height,
     screen_boxes, object_pixels, render_scenes,
 )
 from clevrgen.errors import DataError, PhraseError
@@ -231,6 +231,8 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
 
     An interrupted run resumes: PNGs already written (each written atomically) are kept, their
     objects read back from ``scenes.jsonl``; a scene missing any image is rendered again whole.
+    ``render.json`` records the seed, settings and renderer version; resuming a folder rendered
+    with others is refused, as its kept images would not match the new ones.
     Returns the counts of images rendered and kept.
     """
     import json
@@ -250,8 +252,6 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     if bad:
         raise DataError(f"image names must be plain .png file names, got {bad[0]!r}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "train.json", json.dumps(spec))
-    atomic_write_text(out / "objects.json", json.dumps(CLASS_INDEX))
     pngs = fmt in ("png", "both")
     journal = out / "scenes.jsonl"
     facts: dict[str, list[dict]] = {}
@@ -267,6 +267,14 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
     kept = {n for n in spec if n in facts and (out / "iclevr" / n).is_file()} if pngs else set()
+    # a resumed render must draw the rest as the first run drew the images it keeps
+    manifest = json.dumps({"seed": seed, "renderer": RENDERER_VERSION, "style": repr(style or SceneStyle())})
+    if kept and (not (out / "render.json").is_file() or (out / "render.json").read_text() != manifest):
+        raise DataError(f"{out} holds images of another render (another seed, scene settings or renderer "
+                        f"version): render into a new folder, or delete {out / 'iclevr'} to start over")
+    atomic_write_text(out / "render.json", manifest)
+    atomic_write_text(out / "train.json", json.dumps(spec))
+    atomic_write_text(out / "objects.json", json.dumps(CLASS_INDEX))
     rendered = 0
     images: dict[str, torch.Tensor] = {}
 

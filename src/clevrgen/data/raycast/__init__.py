@@ -23,7 +23,11 @@ from clevrgen.data.raycast.scene import (
     bound_radius, object_height,
 )
 
+RENDERER_VERSION = 2
+"""Bumped whenever the same scene settings would give other pixels (caches of rendered data
+sets are keyed by it). 2: shadows from all four lights with per-light strengths, cubes 0.95."""
+
 __all__ = [
-    "ALBEDO", "CAMERA", "COLORS", "CUBE", "CYLINDER", "LAMPS", "MAX_OBJECTS", "SHAPES", "SPHERE",
+    "RENDERER_VERSION", "ALBEDO", "CAMERA", "COLORS", "CUBE", "CYLINDER", "LAMPS", "MAX_OBJECTS", "SHAPES", "SPHERE",
     "SceneStyle", "Scenes", "bound_radius", "object_height", "object_pixels", "render_scenes", "screen_boxes",
 ]
