@@ -21,7 +21,6 @@ previous defaults: ``--style cube_scale=0.93 --style "shadow_strength=(1, 0, 1, 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clevrgen.data.render import SceneStyle, render_dataset
+from clevrgen.data.render import render_dataset, style_with
+from clevrgen.errors import DataError
 
 SHAPES = ("cube", "sphere", "cylinder")
 HALF = 24  # shadow window: 48 x 48 pixels around the added object's base
@@ -102,8 +102,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1500)
     parser.add_argument("--style", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.style)}
-    style = SceneStyle(**overrides)
+    try:
+        style = style_with(args.style)
+    except DataError as err:
+        parser.error(str(err))
+    if not (args.root / "train.json").is_file() or not (args.root / "iclevr").is_dir():
+        parser.error(f"{args.root} is not an i-CLEVR folder (train.json and iclevr/ with the images)")
     spec = json.loads((args.root / "train.json").read_text())
     pairs = [(n[:-6] + "_0.png", n) for n, v in spec.items() if n.endswith("_1.png") and not v[1].startswith("gray")]
     pairs = pairs[:args.pairs]
@@ -129,7 +133,7 @@ def main() -> None:
             if not first.startswith("gray") and (one := lone(before)) is not None:
                 lones[source, first.split()[1]].append(one)
     stats = {source: summarise(r) for source, r in rows.items()}
-    print(f"{len(pairs)} pairs; style overrides: {overrides or 'none'}")
+    print(f"{len(pairs)} pairs; style overrides: {', '.join(args.style) or 'none'}")
     print("lone object at the origin: median area px, height x width px   real | render")
     for shape in SHAPES:
         r, q = (np.median(np.array(lones[source, shape]), 0) for source in rows)

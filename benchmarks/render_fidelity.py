@@ -16,11 +16,17 @@ cube/cylinder confusion the official label sets show, on scenes that are not the
 from __future__ import annotations
 
 import argparse
-import ast
 
 import torch
 
-from clevrgen.data.render import SceneStyle, render_dataset, render_scenes, sample_scenes
+from clevrgen.data.render import (
+    SceneStyle,
+    render_dataset,
+    render_scenes,
+    sample_scenes,
+    style_with,
+)
+from clevrgen.errors import ClevrgenError, DataError
 from clevrgen.judge import judge_probs, load_judge, topk_accuracy
 from clevrgen.labels import COLORS, SHAPES, multi_hot, shipped_split
 
@@ -66,8 +72,14 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=0, help="random two-object scenes to probe [default: none]")
     parser.add_argument("--style", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    style = SceneStyle(**{k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.style)})
-    judge = load_judge(args.judge)
+    try:
+        style = style_with(args.style)
+    except DataError as err:
+        parser.error(str(err))
+    try:
+        judge = load_judge(args.judge)
+    except ClevrgenError as err:
+        parser.error(str(err))
     official(judge, args.renders, args.first_seed, style)
     if args.probe:
         probe(judge, args.probe, seed=5, style=style)

@@ -195,3 +195,12 @@ def test_embedded_cache_is_keyed_by_the_renderer_settings():
     assert base != embedded_fingerprint(b"{}", 1)
     assert base != embedded_fingerprint(b'{"a": 1}', 0)
     assert base != embedded_fingerprint(b"{}", 0, R.SceneStyle(cube_scale=0.9))
+
+
+def test_style_overrides_parse_or_say_why():
+    assert R.style_with(["cube_scale=0.9", "shadow_strength=(1, 0, 1, 1)"]) == R.SceneStyle(
+        cube_scale=0.9, shadow_strength=(1, 0, 1, 1))
+    for bad, message in (["cube_scal=1", "unknown scene setting"], ["penumbra=(0.1", "not a Python literal"],
+                         ["noise", "KEY=VALUE"]):
+        with pytest.raises(DataError, match=message):
+            R.style_with([bad])

@@ -14,10 +14,9 @@ from clevrgen.runtime import user_cache_dir
 def embedded_fingerprint(spec: bytes, seed: int, style=None) -> str:
     """Names a rendered set by everything its pixels depend on: the spec, the seed, the scene
     settings and the renderer's version, so that a renderer change never reuses an old cache."""
-    from clevrgen.data.raycast import RENDERER_VERSION, SceneStyle
+    from clevrgen.data.render import render_settings
 
-    key = spec + f"seed={seed};style={style or SceneStyle()!r};renderer={RENDERER_VERSION}".encode()
-    return hashlib.sha256(key).hexdigest()[:16]
+    return hashlib.sha256(spec + render_settings(seed, style).encode()).hexdigest()[:16]
 
 
 def load_embedded(seed: int = 0, cache_dir: Path | None = None, progress: bool = True) -> ImageSet:

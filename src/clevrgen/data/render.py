@@ -9,7 +9,9 @@ The ray casting itself lives in :mod:`clevrgen.data.raycast`.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import json
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -23,6 +25,29 @@ from clevrgen.data.raycast import (  # noqa: F401  (the renderer's public names)
 )
 from clevrgen.errors import DataError, PhraseError
 from clevrgen.labels import parse_phrase
+
+
+def render_settings(seed: int, style: SceneStyle | None = None) -> str:
+    """What a render's pixels depend on besides its spec (seed, scene settings, renderer
+    version), as text: a folder's ``render.json`` and the embedded cache's key are made of it."""
+    return json.dumps({"seed": seed, "renderer": RENDERER_VERSION, "style": repr(style or SceneStyle())})
+
+
+def style_with(overrides: Sequence[str]) -> SceneStyle:
+    """The default :class:`SceneStyle` with ``KEY=VALUE`` overrides (values are Python literals)."""
+    settings = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DataError(f"a style override is KEY=VALUE, got {item!r}")
+        try:
+            settings[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise DataError(f"{key.strip()}: {value.strip()!r} is not a Python literal") from None
+    unknown = sorted(set(settings) - set(SceneStyle.__dataclass_fields__))
+    if unknown:
+        raise DataError(f"unknown scene setting {unknown[0]!r}")
+    return SceneStyle(**settings)
 
 
 # ---------------------------------------------------------------- scene sampling
@@ -235,7 +260,6 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     with others is refused, as its kept images would not match the new ones.
     Returns the counts of images rendered and kept.
     """
-    import json
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
@@ -268,8 +292,9 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
                 continue
     kept = {n for n in spec if n in facts and (out / "iclevr" / n).is_file()} if pngs else set()
     # a resumed render must draw the rest as the first run drew the images it keeps
-    manifest = json.dumps({"seed": seed, "renderer": RENDERER_VERSION, "style": repr(style or SceneStyle())})
-    if kept and (not (out / "render.json").is_file() or (out / "render.json").read_text() != manifest):
+    manifest = render_settings(seed, style)
+    before = (out / "render.json").read_text() if (out / "render.json").is_file() else None
+    if kept and before != manifest:
         raise DataError(f"{out} holds images of another render (another seed, scene settings or renderer "
                         f"version): render into a new folder, or delete {out / 'iclevr'} to start over")
     atomic_write_text(out / "render.json", manifest)

@@ -37,19 +37,24 @@ def _hit_cylinder(ox, oy, oz, dx, dy, dz, half, height, yaw):
     return t, n
 
 
+def _yawed(x, y, z, c, s):
+    """[P, 3] vectors (x, y, z) turned by -yaw about z (into a yawed shape's frame), given c, s =
+    cos(yaw), sin(yaw); pass -s to turn back."""
+    return torch.stack([c * x + s * y, -s * x + c * y, z], -1)
+
+
 def _hit_box(ox, oy, oz, dx, dy, dz, half, height, yaw):
     """A cube of half-edge ``half`` yawed about z: the slab test in its own frame."""
     c, s = torch.cos(yaw), torch.sin(yaw)
-    q = torch.stack([c * ox + s * oy, -s * ox + c * oy, oz - half], -1)
-    e = torch.stack([c * dx + s * dy, -s * dx + c * dy, dz], -1)
+    q = _yawed(ox, oy, oz - half, c, s)
+    e = _yawed(dx, dy, dz, c, s)
     e = torch.where(e.abs() > 1e-9, e, torch.full_like(e, 1e-9))
     t1, t2 = (-half[:, None] - q) / e, (half[:, None] - q) / e
     t_near, axis = torch.minimum(t1, t2).max(-1)
     t_far = torch.maximum(t1, t2).min(-1).values
     t = torch.where((t_near < t_far) & (t_near > 1e-4), t_near, INF)
     local = -torch.sign(e) * F.one_hot(axis, 3).to(e.dtype)
-    n = torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]], -1)
-    return t, n
+    return t, _yawed(*local.unbind(-1), c, -s)
 
 
 _HITS = {CUBE: _hit_box, SPHERE: _hit_sphere, CYLINDER: _hit_cylinder}
@@ -77,25 +82,23 @@ def _rounded(kind, q, half, height, radius):
 def _bevel(kind, t, n, ox, oy, oz, dx, dy, dz, half, height, yaw, bevel):
     """Round off the edges of a sharp cube or cylinder hit (t, n): the sharp shape bounds the
     rounded one, so rays march on from its surface (sphere tracing) to the rounded surface, and
-    rays that only clip an edge miss."""
+    rays that only clip an edge miss. Only rays that hit the sharp shape march."""
+    sel = torch.isfinite(t).nonzero().flatten()
+    ox, oy, oz, dx, dy, dz, half, height, yaw = (v[sel] for v in (ox, oy, oz, dx, dy, dz, half, height, yaw))
     radius = bevel * half
-    c, s = torch.cos(yaw), torch.sin(yaw)
-    if kind == CUBE:
-        o = torch.stack([c * ox + s * oy, -s * ox + c * oy, oz - height / 2], -1)
-        e = torch.stack([c * dx + s * dy, -s * dx + c * dy, dz], -1)
-    else:
-        o = torch.stack([ox, oy, oz - height / 2], -1)
-        e = torch.stack([dx, dy, dz], -1)
-    hit = torch.isfinite(t)
-    tt = t.nan_to_num(0, 0, 0)
+    # cylinders are round: their own frame needs no turn
+    c, s = (torch.cos(yaw), torch.sin(yaw)) if kind == CUBE else (torch.ones_like(yaw), torch.zeros_like(yaw))
+    o, e = _yawed(ox, oy, oz - height / 2, c, s), _yawed(dx, dy, dz, c, s)
+    tt = t[sel]
     for _ in range(BEVEL_STEPS):
         dist, _ = _rounded(kind, o + tt[:, None] * e, half, height, radius)
         tt = tt + dist.clamp_min(0)
     dist, local = _rounded(kind, o + tt[:, None] * e, half, height, radius)
-    hit = hit & (dist < BEVEL_EPS * half)
-    if kind == CUBE:  # back to the world frame
-        local = torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]], -1)
-    return torch.where(hit, tt, INF), torch.where(hit[:, None], local, n)
+    hit = dist < BEVEL_EPS * half
+    t, n = t.clone(), n.clone()
+    t[sel] = torch.where(hit, tt, INF)
+    n[sel] = torch.where(hit[:, None], _yawed(*local.unbind(-1), c, -s), n[sel])
+    return t, n
 
 
 def nearest_hit(scenes: Scenes, b: torch.Tensor, o: torch.Tensor, d: torch.Tensor,
