@@ -170,7 +170,7 @@ def test_evaluate_command_with_a_course_format_judge(runner, trained_run, tmp_pa
 
 def test_fresh_scenes_fill_part_of_each_batch_and_resume_exactly(tmp_path, dataset):
     data = load_iclevr(dataset, progress=False)
-    cfg = tiny_config("train.steps=3", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.image_size=32")
+    cfg = tiny_config("train.steps=3", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.patch_size=2")
     trainer = Trainer(cfg, None, data, progress=False)
     images, labels = trainer.fresh.draw(step=5)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
@@ -179,7 +179,7 @@ def test_fresh_scenes_fill_part_of_each_batch_and_resume_exactly(tmp_path, datas
     assert torch.equal(images, again) and not torch.equal(images, trainer.fresh.draw(step=6)[0])
 
     straight = train(cfg, tmp_path / "a", data, progress=False)
-    train(tiny_config("train.steps=2", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.image_size=32"),
+    train(tiny_config("train.steps=2", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.patch_size=2"),
           tmp_path / "b", data, progress=False)
     resumed = train(cfg, tmp_path / "b", data, resume=True, progress=False)
     assert straight.step == resumed.step == 3

@@ -62,8 +62,13 @@ class ModelConfig(Section):
     norm_num_groups: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     image_size: int = Field(64, ge=8, le=64)
-    """The resolution the UNet works at; below 64 the data is downsampled and samples are
-    upsampled back to 64x64 (a cheap CPU setting)."""
+    """The resolution the model draws at. Below 64 the data is downsampled and samples are
+    upsampled back to 64x64, which caps accuracy (real images through a 32x32 path score 0.578
+    top-k; see benchmarks/resolution_path.py): training and sampling warn. Use patch_size."""
+    patch_size: Literal[1, 2, 4] = 1
+    """Pixel-unshuffle each p x p patch into channels before the UNet and shuffle back after it:
+    the UNet works on (image_size / p)^2 positions with 3 p^2 channels, and every pixel of the
+    full-size image is still predicted. 2 is ~5x cheaper than 1 on the CPU."""
 
     @field_validator("block_out_channels")
     @classmethod
@@ -82,8 +87,8 @@ class ModelConfig(Section):
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"block_out_channels {bad} are not multiples of norm_num_groups")
-        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
-            raise ValueError("image_size must be divisible by 2^(levels - 1)")
+        if self.image_size % (self.patch_size * 2 ** (len(self.block_out_channels) - 1)):
+            raise ValueError("image_size must be divisible by patch_size * 2^(levels - 1)")
         return self
 
 
@@ -91,6 +96,9 @@ class DiffusionConfig(Section):
     num_train_timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["linear", "cosine"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    min_snr_gamma: float = Field(0.0, ge=0.0)
+    """Min-SNR loss weighting (Hang et al. 2023): each timestep's loss is weighted so that
+    low-noise steps, whose SNR is above gamma, count no more than SNR = gamma. 0: off (plain MSE)."""
 
 
 Sampler = Literal["ddpm", "ddim", "dpm++"]
@@ -113,7 +121,8 @@ class TrainConfig(Section):
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"
-    """auto: bf16 autocast on CUDA, fp32 on the CPU."""
+    """auto: bf16 autocast on CUDA, fp32 on the CPU (exact to the bit, e.g. for resume tests);
+    bf16 is ~1.5-2x faster on CPUs with AVX512-BF16 or AMX (the CPU configs set it)."""
     compile: bool = False
     channels_last: bool = False
     log_every: int = Field(50, ge=1)
@@ -121,6 +130,9 @@ class TrainConfig(Section):
     """Held-out loss (and, with a judge, sample accuracy) every this many steps."""
     eval_images: int = Field(64, ge=0)
     """Images sampled for the periodic held-out accuracy; 0 turns it off."""
+    eval_splits: list[str] = []
+    """Splits (e.g. ["test", "new_test"]) whose label sets are also sampled and scored by the
+    shipped judge every ``eval_every`` steps (seed ``sample.seed``): accuracy against training time."""
     sample_every: int = Field(5000, ge=1)
     checkpoint_every: int = Field(2000, ge=1)
 

@@ -28,24 +28,36 @@ DATA_FILE = "training_data.json"
 
 
 class LabelConditionedUNet(nn.Module):
-    """``unet(x_t, t, class_labels=label_proj(labels))``; the empty label is the unconditional one."""
+    """``unet(x_t, t, class_labels=label_proj(labels))``; the empty label is the unconditional one.
 
-    def __init__(self, unet: nn.Module, label_proj: nn.Linear):
+    With ``patch_size`` p > 1 the UNet sees each p x p patch of the image as 3 p^2 channels
+    (pixel-unshuffle) and its output is shuffled back: full-size images in and out, at the cost
+    of a UNet working at 1/p the resolution.
+    """
+
+    def __init__(self, unet: nn.Module, label_proj: nn.Linear, patch_size: int = 1):
         super().__init__()
         self.unet = unet
         self.label_proj = label_proj
+        self.patch_size = patch_size
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from torch.nn.functional import pixel_shuffle, pixel_unshuffle
+
         embedding = self.label_proj(labels.to(self.label_proj.weight.dtype))
-        return self.unet(x, t, class_labels=embedding).sample
+        p = self.patch_size
+        if p == 1:
+            return self.unet(x, t, class_labels=embedding).sample
+        return pixel_shuffle(self.unet(pixel_unshuffle(x, p), t, class_labels=embedding).sample, p)
 
 
 def unet_arguments(cfg: ModelConfig) -> dict:
     """The ``UNet2DModel`` arguments of an architecture config."""
+    channels = 3 * cfg.patch_size**2
     return dict(
-        sample_size=cfg.image_size,
-        in_channels=3,
-        out_channels=3,
+        sample_size=cfg.image_size // cfg.patch_size,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention),
@@ -57,13 +69,23 @@ def unet_arguments(cfg: ModelConfig) -> dict:
     )
 
 
+def warn_if_upsampled(cfg: ModelConfig) -> None:
+    """A model below 64x64 is capped by its upsampling: say so wherever one is trained or used."""
+    if cfg.image_size < 64:
+        from clevrgen.errors import warn
+
+        warn(f"model.image_size = {cfg.image_size}: images are drawn below 64x64 and enlarged, which caps "
+             "accuracy (real images through a 32x32 path score 0.578 top-k, see benchmarks/resolution_path.py); "
+             "model.patch_size = 2 keeps full 64x64 output at a similar cost")
+
+
 def build_model(cfg: ModelConfig) -> LabelConditionedUNet:
     """A freshly initialized denoiser for this architecture config."""
     from diffusers import UNet2DModel
 
     unet = UNet2DModel(**unet_arguments(cfg))
     # The identity class embedding is added to the time embedding: 4x the first block's width.
-    return LabelConditionedUNet(unet, nn.Linear(NUM_CLASSES, 4 * cfg.block_out_channels[0]))
+    return LabelConditionedUNet(unet, nn.Linear(NUM_CLASSES, 4 * cfg.block_out_channels[0]), cfg.patch_size)
 
 
 def _old_dir(target: Path) -> Path:
@@ -168,7 +190,7 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[Label
     except Exception as exc:  # truncated files, foreign weights, shape mismatches
         raise CheckpointError(f"cannot load {run_dir / LABEL_PROJ_FILE}: {first_line(exc)}; "
                               "the run folder is damaged or not from clevrgen") from None
-    model = LabelConditionedUNet(unet, label_proj)
+    model = LabelConditionedUNet(unet, label_proj, config.model.patch_size)
     if label_proj.out_features != unet.config.block_out_channels[0] * 4:
         raise CheckpointError(f"{run_dir}: the label projection does not fit the UNet")
     return model.to(device).eval(), config

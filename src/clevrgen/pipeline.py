@@ -12,7 +12,7 @@ from clevrgen.config import Config
 from clevrgen.diffusion import StepCallback, generate, sample, sampling_scheduler
 from clevrgen.errors import warn
 from clevrgen.labels import multi_hot
-from clevrgen.model import LabelConditionedUNet, latest_run, load_artifact, training_data_of
+from clevrgen.model import LabelConditionedUNet, latest_run, load_artifact, training_data_of, warn_if_upsampled
 from clevrgen.runtime import autocast_dtype, resolve_device
 
 
@@ -36,6 +36,7 @@ class ScenePipeline:
         if config is not None:  # a missing GPU is reported before the weights are read
             resolve_device(config.sample.device)
         saved_model, saved = load_artifact(run_dir, "cpu")
+        warn_if_upsampled(saved.model)
         config = config or saved
         device = resolve_device(config.sample.device)
         return cls(saved_model.to(device), config.model_copy(update={"model": saved.model, "diffusion": saved.diffusion}),

@@ -22,7 +22,7 @@ from clevrgen.config import Config, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
 from clevrgen.errors import CheckpointError, ClevrgenError, UsageError, first_line
-from clevrgen.model import LabelConditionedUNet, build_model, max_objects_of, save_artifact
+from clevrgen.model import LabelConditionedUNet, build_model, max_objects_of, save_artifact, warn_if_upsampled
 from clevrgen.runtime import (
     append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, deferred_sigint, init_distributed,
     resolve_device,
@@ -70,7 +70,17 @@ def draw_batch(images: torch.Tensor, labels: torch.Tensor, cfg: Config, gen: tor
     return x0, labels * keep[:, None]
 
 
-def diffusion_loss(model, noise_scheduler, x0, labels, gen, amp_dtype) -> torch.Tensor:
+def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma: min(SNR, gamma) / SNR for an epsilon target and
+    min(SNR, gamma) / (SNR + 1) for a v target (both equal min(SNR, gamma) on the x0 error)."""
+    alphas = noise_scheduler.alphas_cumprod.to(t.device)[t]
+    snr = alphas / (1 - alphas)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return (gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, finite at SNR = 0
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
+def diffusion_loss(model, noise_scheduler, x0, labels, gen, amp_dtype, min_snr_gamma: float = 0.0) -> torch.Tensor:
     b, device = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=gen, device=device)
     t = torch.randint(noise_scheduler.config.num_train_timesteps, (b,), generator=gen, device=device)
@@ -78,18 +88,23 @@ def diffusion_loss(model, noise_scheduler, x0, labels, gen, amp_dtype) -> torch.
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
     with autocast(device, amp_dtype):
         pred = model(x_t, t, labels)
-    return F.mse_loss(pred.float(), target)
+    if not min_snr_gamma:
+        return F.mse_loss(pred.float(), target)
+    per_sample = (pred.float() - target).square().mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(noise_scheduler, t, min_snr_gamma)).mean()
 
 
 @torch.no_grad()
-def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int, size: int) -> float:
+def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int, size: int,
+                  min_snr_gamma: float = 0.0) -> float:
     """Mean loss over (up to 512 of) the held-out images, with fixed noise: comparable over time."""
     gen = torch.Generator(device).manual_seed(1234)
     images, labels = resize_images(val.images[:512], size).to(device), val.labels[:512].to(device)
     total = 0.0
     for start in range(0, len(images), batch_size):
         x0 = to_float(images[start:start + batch_size])
-        total += diffusion_loss(model, noise_scheduler, x0, labels[start:start + batch_size], gen, amp_dtype).item() * len(x0)
+        total += diffusion_loss(model, noise_scheduler, x0, labels[start:start + batch_size], gen, amp_dtype,
+                                min_snr_gamma).item() * len(x0)
     return total / max(1, len(images))
 
 
@@ -123,6 +138,8 @@ class Trainer:
                               "images": len(self.train_set)}
 
         torch.manual_seed(cfg.train.seed)
+        if self.dist.is_main:
+            warn_if_upsampled(cfg.model)
         self.model = build_model(cfg.model).to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -217,24 +234,34 @@ class Trainer:
         record = {}
         if len(self.val_set):
             record["val_loss"] = held_out_loss(model, self.noise_scheduler, self.val_set, self.device, self.amp_dtype,
-                                               self.cfg.train.batch_size, self.cfg.model.image_size)
-        if self.cfg.train.eval_images and len(self.val_set):
+                                               self.cfg.train.batch_size, self.cfg.model.image_size,
+                                               self.cfg.diffusion.min_snr_gamma)
+        if (self.cfg.train.eval_images and len(self.val_set)) or self.cfg.train.eval_splits:
             record.update(self.held_out_accuracy(model))
         return record
 
     def held_out_accuracy(self, model) -> dict:
-        """Judge accuracy of samples for the held-out scenes' label sets."""
+        """Judge accuracy of samples for the held-out scenes' label sets and for ``eval_splits``."""
         try:
             from clevrgen.judge import judge_probs, load_judge, score_predictions
             judge = load_judge(None, self.device)
         except (ImportError, ClevrgenError):
             return {}
-        labels = self.val_set.labels[: self.cfg.train.eval_images].to(self.device)
-        s = self.cfg.sample
-        images = generate(model, sampling_scheduler(self.cfg.diffusion, s.sampler), labels, list(range(len(labels))),
-                          s.steps, s.guidance, s.batch_size, self.cfg.model.image_size, self.amp_dtype, progress=False)
-        scores = score_predictions(judge_probs(judge, images), labels.cpu())
-        return {"val_topk_accuracy": scores["topk_accuracy"], "val_exact_accuracy": scores["exact_accuracy"]}
+        from clevrgen.labels import load_label_sets, multi_hot
+
+        t, s = self.cfg.train, self.cfg.sample
+        label_sets = {f"{split}_": multi_hot(load_label_sets(split)) for split in t.eval_splits}
+        if t.eval_images and len(self.val_set):
+            label_sets["val_"] = self.val_set.labels[: t.eval_images]
+        record = {}
+        for prefix, labels in label_sets.items():
+            images = generate(model, sampling_scheduler(self.cfg.diffusion, s.sampler), labels.to(self.device),
+                              [s.seed + i for i in range(len(labels))], s.steps, s.guidance, s.batch_size,
+                              self.cfg.model.image_size, self.amp_dtype, progress=False)
+            scores = score_predictions(judge_probs(judge, images), labels)
+            record.update({f"{prefix}topk_accuracy": scores["topk_accuracy"],
+                           f"{prefix}exact_accuracy": scores["exact_accuracy"]})
+        return record
 
     def plot_loss(self) -> None:
         from clevrgen.report import plot_metrics
@@ -248,7 +275,8 @@ class Trainer:
         x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen, fresh)
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss = diffusion_loss(self.forward, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype)
+        loss = diffusion_loss(self.forward, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype,
+                              self.cfg.diffusion.min_snr_gamma)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)

@@ -1,0 +1,102 @@
+"""Full-size output at low cost: the pixel-unshuffled UNet, and the Min-SNR loss weighting."""
+
+import pytest
+import torch
+
+from clevrgen.config import load_config
+from clevrgen.diffusion import training_scheduler
+from clevrgen.errors import ConfigError
+from clevrgen.model import build_model, load_artifact, save_artifact
+from clevrgen.train import diffusion_loss, min_snr_weights
+
+from conftest import TINY
+
+
+def patched(*extra):
+    return load_config(None, [*TINY, "model.patch_size=2", *extra])
+
+
+def test_a_patched_unet_works_at_half_size_but_maps_full_size_images():
+    cfg = patched()
+    model = build_model(cfg.model).eval()
+    assert model.unet.config.sample_size == 32 and model.unet.config.in_channels == 12
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x, torch.tensor([3, 40]), torch.zeros(2, 24))
+    assert out.shape == (2, 3, 64, 64)
+
+
+def test_the_patch_path_keeps_every_pixel():
+    """unshuffle then shuffle is the identity: a patched model loses no resolution on the way."""
+    from torch.nn.functional import pixel_shuffle, pixel_unshuffle
+
+    x = torch.rand(2, 3, 64, 64)
+    for p in (2, 4):
+        assert torch.equal(pixel_shuffle(pixel_unshuffle(x, p), p), x)
+
+
+def test_the_saved_patched_artifact_is_a_plain_diffusers_unet(tmp_path):
+    """The README's few lines: UNet2DModel.from_pretrained plus pixel (un)shuffle reproduce the model."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+    from torch.nn.functional import pixel_shuffle, pixel_unshuffle
+
+    cfg = patched()
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    save_artifact(model, cfg, tmp_path / "run")
+    loaded, saved_cfg = load_artifact(tmp_path / "run")
+    assert saved_cfg.model.patch_size == 2 and loaded.patch_size == 2
+
+    unet = UNet2DModel.from_pretrained(tmp_path / "run" / "unet").eval()
+    proj = load_file(str(tmp_path / "run" / "label_proj.safetensors"))
+    labels = torch.zeros(1, 24)
+    labels[0, 5] = 1
+    x, t = torch.randn(1, 3, 64, 64), torch.tensor([500])
+    with torch.no_grad():
+        plain = pixel_shuffle(unet(pixel_unshuffle(x, 2), t, class_labels=labels @ proj["weight"].T + proj["bias"]).sample, 2)
+        ours = model(x, t, labels)
+    torch.testing.assert_close(plain, ours)
+
+
+def test_patch_size_must_divide_the_image_through_every_level():
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_config(None, ["model.patch_size=4", "model.block_out_channels=[32, 32, 32, 32, 32, 32]",
+                           "model.attention=[false, false, false, false, false, false]"])
+    with pytest.raises(ConfigError, match="model.patch_size"):
+        load_config(None, ["model.patch_size=3"])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weights_cap_the_low_noise_steps(prediction):
+    cfg = load_config(None, ["diffusion.beta_schedule='cosine'", f"diffusion.prediction_type='{prediction}'"])
+    sched = training_scheduler(cfg.diffusion)
+    t = torch.arange(0, 1000, 37)
+    alphas = sched.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    w = min_snr_weights(sched, t, 5.0)
+    assert torch.isfinite(w).all()
+    # Weighed on the x0 error every step counts min(SNR, 5): the epsilon error is the x0 error
+    # times SNR, the v error times SNR + 1 (up to the same factor).
+    scale = snr if prediction == "epsilon" else snr + 1
+    torch.testing.assert_close(w * scale, snr.clamp(max=5.0), rtol=1e-4, atol=1e-6)
+
+
+def test_min_snr_off_is_the_plain_mse():
+    cfg = load_config(None, ["diffusion.beta_schedule='cosine'", "diffusion.prediction_type='v_prediction'"])
+    sched = training_scheduler(cfg.diffusion)
+    model = build_model(patched().model)
+    x0, labels = torch.rand(4, 3, 64, 64) * 2 - 1, torch.zeros(4, 24)
+    with torch.no_grad():
+        plain = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(0), None)
+        off = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(0), None, 0.0)
+        on = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(0), None, 5.0)
+    assert plain == off and on != plain
+
+
+def test_a_model_below_64_pixels_warns_that_it_is_capped():
+    from clevrgen.errors import ClevrgenWarning
+    from clevrgen.model import warn_if_upsampled
+
+    with pytest.warns(ClevrgenWarning, match="0.578"):
+        warn_if_upsampled(load_config(None, ["model.image_size=32"]).model)
