@@ -79,3 +79,24 @@ def test_print_config(runner):
     result = runner.invoke(app, ["train", "--config", str(tiny), "--print-config", "--set", "train.lr=0.5"])
     assert result.exit_code == 0
     assert "lr = 0.5" in result.output and "block_out_channels = [32, 64, 64]" in result.output
+
+
+@pytest.mark.parametrize("name", ["base", "base.toml", "configs/base.toml"])
+def test_shipped_configs_are_found_by_name_from_any_folder(name, tmp_path, monkeypatch):
+    from clevrgen.config import find_config
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert find_config(name).resolve() == (CONFIGS[0].parent / "base.toml").resolve()
+    assert load_config(Path(name)).model.block_out_channels == [128, 128, 256, 256]
+
+
+def test_a_path_that_exists_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("base.toml").write_text("[train]\nlr = 0.123\n")
+    assert load_config(Path("base.toml")).train.lr == 0.123
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="the shipped configs are .*base.*tiny"):
+        load_config(Path("bsae"))

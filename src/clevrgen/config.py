@@ -242,6 +242,27 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.toml"))
+
+
+def find_config(path: Path | str) -> Path:
+    """A config file: ``path`` itself when it exists, else the shipped config of that name
+    (``base``, ``base.toml`` or ``configs/base.toml`` from any folder)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
+    shipped = SHIPPED_CONFIGS / name
+    if shipped.is_file() and (path.parent == Path(".") or path.parent.name == "configs"):
+        return shipped
+    raise ConfigError([f"{path}: no such config file; the shipped configs are {', '.join(shipped_config_names())} "
+                       "(give one by name, e.g. --config base)"])
+
+
 def validate_config(raw: dict[str, Any], source: str | None = None) -> Config:
     try:
         return Config.model_validate(raw)
@@ -251,6 +272,7 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> Config:
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
     """The config of ``path`` (or the defaults) with ``overrides`` merged in, validated once."""
+    path = find_config(path) if path is not None else None
     raw = read_toml(path) if path is not None else {}
     return validate_config(merge_overrides(raw, list(overrides or [])), source=str(path or ""))
 

@@ -11,7 +11,8 @@ from clevrgen.config import Config, load_config, to_toml
 
 ConfigOption = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="A TOML config (see configs/); defaults are used for what it omits."),
+    typer.Option("--config", "-c", help="A TOML file, or a shipped config by name from any folder: tiny, cpu, small, "
+                 "base, judge. Defaults are used for what it omits."),
 ]
 SetOption = Annotated[
     Optional[list[str]],
@@ -35,8 +36,9 @@ def finish_config(raw: dict, overrides: list[str] | None, source: str, print_con
 
 def resolve_config(config: Path | None, overrides: list[str] | None, print_config: bool) -> Config:
     """The config of ``--config`` (or the defaults) with ``--set`` overrides, validated."""
-    from clevrgen.config import read_toml
+    from clevrgen.config import find_config, read_toml
 
+    config = find_config(config) if config is not None else None
     return finish_config(read_toml(config) if config is not None else {}, overrides, str(config or ""), print_config)
 
 
@@ -65,13 +67,14 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
     """The trained pipeline of ``checkpoint``. Its saved config supplies every default; ``--config``
     may change the ``sample`` and ``evaluate`` sections, then the command's own options
     (``sample_options``, None = unset), then ``--set``."""
-    from clevrgen.config import read_toml
+    from clevrgen.config import find_config, read_toml
     from clevrgen.errors import ConfigError
     from clevrgen.model import artifact_dir, latest_run
     from clevrgen.pipeline import ScenePipeline
 
     run = artifact_dir(checkpoint) if checkpoint is not None else latest_run()
     raw = load_config_of_run(run).model_dump(mode="json", exclude_none=True)
+    config = find_config(config) if config is not None else None
     for section, values in (read_toml(config) if config is not None else {}).items():
         if section not in ("sample", "evaluate") or not isinstance(values, dict):
             raise ConfigError([f"{section}: comes from the checkpoint; only [sample] and [evaluate] tables may be set here"])
