@@ -45,5 +45,5 @@ def test_bad_phrase_is_one_line_and_exit_2(runner):
 def test_missing_checkpoint_is_exit_1(runner, tmp_path):
     result = runner.invoke(app, ["sample", "red sphere", "--checkpoint", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "checkpoint not found" in result.output
-    result = runner.invoke(app, ["sample", "red sphere"])  # no runs/ folder at all
+    result = runner.invoke(app, ["sample", "red sphere", "--checkpoint", "latest"])  # no runs/ folder at all
     assert result.exit_code == 1 and "no trained model found" in result.output

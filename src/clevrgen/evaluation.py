@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
+from clevrgen.model import describe_model
 from clevrgen.pipeline import ScenePipeline
 from clevrgen.runtime import atomic_path, atomic_write_text
 
@@ -35,9 +36,20 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int = 8) -> None:
         save_image(images.float() / 255, tmp, nrow=per_row, padding=2, format="png")
 
 
+def pass_seeds(base: int, passes: int, n: int) -> list[int]:
+    """The base seed of each of ``passes`` passes over ``n`` label sets: image i of pass k uses
+    seed ``base + k * stride + i``, so no two images share a seed."""
+    stride = max(1000, n)
+    return [base + k * stride for k in range(passes)]
+
+
 def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Path | None = None,
-                   progress: bool = True) -> dict:
-    """Draw each label set of ``split`` once (seed = sample.seed + index), score, write results."""
+                   progress: bool = True, seeds: int = 1) -> dict:
+    """Draw each label set of ``split`` once per pass (``seeds`` passes; image i of the first uses
+    sample.seed + i), score every pass, write the first pass's images and the results. With
+    several passes the accuracies are their mean, with the spread beside them."""
+    import statistics
+
     import diffusers
 
     import clevrgen
@@ -46,21 +58,37 @@ def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Pa
     scenes = load_label_sets(split)
     judge = load_judge(evaluator, pipeline.device)
     s = pipeline.config.sample
+    labels = pipeline.labels(scenes).cpu()
+    passes, first = [], None
     start = time.perf_counter()
-    images = pipeline.generate(scenes, [s.seed + i for i in range(len(scenes))], progress, f"sampling {Path(split).stem}")
+    for k, base in enumerate(pass_seeds(s.seed, seeds, len(scenes))):
+        what = f"sampling {Path(split).stem}" + (f" (seed {k + 1} of {seeds})" if seeds > 1 else "")
+        images = pipeline.generate(scenes, [base + i for i in range(len(scenes))], progress, what)
+        scores = score_predictions(judge_probs(judge, images), labels)
+        passes.append({"seed": base, "topk_accuracy": scores["topk_accuracy"],
+                       "exact_accuracy": scores["exact_accuracy"]})
+        if first is None:
+            first, scores0 = images, scores
     if pipeline.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    labels = pipeline.labels(scenes).cpu()
-    scores = score_predictions(judge_probs(judge, images), labels)
+    images, scores = first, scores0
+
+    def spread(key: str) -> dict:
+        values = [p[key] for p in passes]
+        return {key: statistics.fmean(values), f"{key}_std": statistics.pstdev(values),
+                f"{key}_min": min(values), f"{key}_max": max(values)}
+
     out.mkdir(parents=True, exist_ok=True)
     save_grid(images, out / "grid.png")
     write_image_folder(out, images, scenes)
     result = {
         "split": split,
         "n_images": len(scenes),
-        "topk_accuracy": scores["topk_accuracy"],
-        "exact_accuracy": scores["exact_accuracy"],
+        **spread("topk_accuracy"),
+        **spread("exact_accuracy"),
+        "seeds": len(passes),
+        "passes": passes,
         "seconds": seconds,
         "sampler": s.sampler,
         "steps": s.steps,
@@ -69,7 +97,8 @@ def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Pa
         "checkpoint": str(pipeline.run_dir),
         "evaluator": str(evaluator) if evaluator else "shipped",
         "device": str(pipeline.device),
-        "per_class_recall": dict(zip(PHRASES, scores["per_class_recall"])),
+        "model": describe_model(pipeline.run_dir),
+        "per_class_recall": dict(zip(PHRASES, scores["per_class_recall"])),  # of the first pass
         "versions": {"clevrgen": clevrgen.__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "python": platform.python_version()},
         "config": pipeline.config.model_dump(mode="json"),

@@ -190,7 +190,7 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[Label
     except Exception as exc:  # truncated files, foreign weights, shape mismatches
         raise CheckpointError(f"cannot load {run_dir / LABEL_PROJ_FILE}: {first_line(exc)}; "
                               "the run folder is damaged or not from clevrgen") from None
-    model = LabelConditionedUNet(unet, label_proj, config.model.patch_size)
+    model = LabelConditionedUNet(unet.float(), label_proj, config.model.patch_size)  # fp16 artifacts run in fp32
     if label_proj.out_features != unet.config.block_out_channels[0] * 4:
         raise CheckpointError(f"{run_dir}: the label projection does not fit the UNet")
     return model.to(device).eval(), config
@@ -235,6 +235,42 @@ def _check_architecture(unet_dir: Path, saved: dict, cfg: ModelConfig) -> None:
             f"({k}: config gives {_plain(expected[k])!r}, the weights have {_plain(saved.get(k))!r}); "
             "the folder mixes files of different runs"
         )
+
+
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "model"
+"""The generator shipped with the package: a run folder's artifact with fp16 weights."""
+
+
+def resolve_checkpoint(checkpoint: Path | str | None) -> Path:
+    """The run folder a command samples from: the shipped model when none is given, the newest
+    run under ``runs/`` for ``latest``, else the folder given."""
+    if checkpoint is None or (str(checkpoint) == "shipped" and not Path(checkpoint).exists()):
+        if not (SHIPPED_MODEL / CONFIG_FILE).is_file():
+            raise CheckpointError("this install has no shipped model: pass --checkpoint RUN (or latest)")
+        return SHIPPED_MODEL
+    if str(checkpoint) == "latest" and not Path(checkpoint).exists():
+        return latest_run()
+    return artifact_dir(Path(checkpoint))
+
+
+def describe_model(run_dir: Path) -> str:
+    """One line naming the model a command uses and what it was trained on."""
+    record = training_data_of(run_dir)
+    name = "the shipped model" if Path(run_dir).resolve() == SHIPPED_MODEL.resolve() else str(run_dir)
+    facts = [f"trained on {record['data']}" if record.get("data") else None,
+             f"{record['steps']} steps" if record.get("steps") else None]
+    facts = [f for f in facts if f]
+    return name + (f" ({', '.join(facts)})" if facts else "")
+
+
+def export_artifact(run: Path, out: Path, half: bool = True) -> None:
+    """Copy a run's sampling artifact (no training state) to ``out``, its weights as fp16 with
+    ``half``: what ships in the package, about half the size of the fp32 artifact."""
+    model, config = load_artifact(run)
+    if half:
+        model = model.half()
+    training_data = training_data_of(artifact_dir(run)) or None
+    save_artifact(model, config, out, training_data)
 
 
 def latest_run(root: Path = Path("runs")) -> Path:

@@ -12,7 +12,7 @@ from clevrgen.config import Config
 from clevrgen.diffusion import StepCallback, generate, sample, sampling_scheduler
 from clevrgen.errors import warn
 from clevrgen.labels import multi_hot
-from clevrgen.model import LabelConditionedUNet, latest_run, load_artifact, training_data_of, warn_if_upsampled
+from clevrgen.model import LabelConditionedUNet, load_artifact, resolve_checkpoint, training_data_of, warn_if_upsampled
 from clevrgen.runtime import autocast_dtype, resolve_device
 
 
@@ -30,9 +30,9 @@ class ScenePipeline:
 
     @classmethod
     def from_run(cls, run: Path | None = None, config: Config | None = None) -> "ScenePipeline":
-        """Load a run folder (default: the newest under ``runs/``); ``config`` may override the
+        """Load a run folder (default: the shipped model); ``config`` may override the
         sampling settings of the one saved with it."""
-        run_dir = Path(run) if run is not None else latest_run()
+        run_dir = resolve_checkpoint(run)
         if config is not None:  # a missing GPU is reported before the weights are read
             resolve_device(config.sample.device)
         saved_model, saved = load_artifact(run_dir, "cpu")

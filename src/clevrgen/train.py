@@ -47,6 +47,13 @@ class TrainResult:
     is_main: bool = True
 
 
+def describe_data(cfg) -> str:
+    """What the model is trained on, in words, for the artifact and every report."""
+    real = f"the images in {cfg.path}" if cfg.path is not None else "the embedded renderer's scenes"
+    return real + (f" + {cfg.fresh:.0%} fresh renders of {cfg.fresh_objects[0]}-{cfg.fresh_objects[1]} objects"
+                   if cfg.fresh else "")
+
+
 def lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
 
@@ -135,7 +142,7 @@ class Trainer:
         # What the artifact records about the data (sampling warns beyond max_objects).
         self.training_data = {"max_objects": max(max_objects_of(self.train_set.labels),
                                                  cfg.data.fresh_objects[1] if self.fresh else 0),
-                              "images": len(self.train_set)}
+                              "images": len(self.train_set), "data": describe_data(cfg.data)}
 
         torch.manual_seed(cfg.train.seed)
         if self.dist.is_main:
@@ -183,7 +190,7 @@ class Trainer:
         """The resumable state (atomic) and the sampling artifact (EMA weights)."""
         with atomic_path(self.run_dir / STATE_FILE) as tmp:
             torch.save(self.state_dict(), tmp)
-        save_artifact(self.ema_model(), self.cfg, self.run_dir, self.training_data)
+        save_artifact(self.ema_model(), self.cfg, self.run_dir, {**self.training_data, "steps": self.step})
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / STATE_FILE

@@ -50,7 +50,8 @@ def resolve_run_config(run: Path, overrides: list[str] | None, print_config: boo
 
 CheckpointOption = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", help="A run folder written by `clevrgen train`. (default: the newest under runs/)"),
+    typer.Option("--checkpoint", help="A run folder written by `clevrgen train`, or `latest` for the newest under "
+                 "runs/. (default: the model shipped with clevrgen)"),
 ]
 SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Base seed; image i uses seed + i. (default: sample.seed)")]
 StepsOption = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. (default: sample.steps)")]
@@ -69,10 +70,10 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
     (``sample_options``, None = unset), then ``--set``."""
     from clevrgen.config import find_config, read_toml
     from clevrgen.errors import ConfigError
-    from clevrgen.model import artifact_dir, latest_run
+    from clevrgen.model import describe_model, resolve_checkpoint
     from clevrgen.pipeline import ScenePipeline
 
-    run = artifact_dir(checkpoint) if checkpoint is not None else latest_run()
+    run = resolve_checkpoint(checkpoint)
     raw = load_config_of_run(run).model_dump(mode="json", exclude_none=True)
     config = find_config(config) if config is not None else None
     for section, values in (read_toml(config) if config is not None else {}).items():
@@ -80,7 +81,11 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
             raise ConfigError([f"{section}: comes from the checkpoint; only [sample] and [evaluate] tables may be set here"])
         raw[section].update(values)
     raw["sample"].update({k: v for k, v in sample_options.items() if v is not None})
-    return ScenePipeline.from_run(run, finish_config(raw, overrides, str(config or run), print_config))
+    pipeline = ScenePipeline.from_run(run, finish_config(raw, overrides, str(config or run), print_config))
+    from rich.console import Console
+
+    Console(stderr=True).print(f"model: {describe_model(run)}", highlight=False, soft_wrap=True)
+    return pipeline
 
 
 def load_config_of_run(run: Path) -> Config:

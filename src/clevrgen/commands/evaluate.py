@@ -20,6 +20,8 @@ EXAMPLES = """Examples:
 
   clevrgen evaluate --split test --steps 25 --sampler dpm++ --guidance 2 --json
 
+  clevrgen evaluate --split test --seeds 4 --seed 10000   # mean and spread over 4 passes
+
   clevrgen evaluate --split my_scenes.json --evaluator classifier_weight.pth --out eval/
 """
 
@@ -32,6 +34,8 @@ def evaluate(
     sampler: SamplerOption = None,
     guidance: GuidanceOption = None,
     seed: SeedOption = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Passes over the split, each with its own seeds: the "
+                                       "accuracies are their mean, with the spread beside them. (default: 1)")] = 1,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the grid, images and results. (default: RUN/eval-<split>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
     config: ConfigOption = None,
@@ -51,14 +55,19 @@ def evaluate(
     from clevrgen.runtime import check_writable
 
     check_writable(out, folder=True)
-    result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json)
+    result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json, seeds=seeds)
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("config", "per_class_recall")}))
         return
+    passes = f", {seeds} seeds" if seeds > 1 else f", seed {result['seed']}"
     table = Table(title=f"{split}: {result['n_images']} images, {result['sampler']} {result['steps']} steps, "
-                        f"guidance {result['guidance']}")
+                        f"guidance {result['guidance']}{passes}")
     for column in ("top-k accuracy", "exact-set accuracy", "seconds"):
         table.add_column(column, justify="right")
-    table.add_row(f"{result['topk_accuracy']:.4f}", f"{result['exact_accuracy']:.4f}", f"{result['seconds']:.1f}")
+
+    def figure(key: str) -> str:
+        return f"{result[key]:.4f}" + (f" ± {result[key + '_std']:.4f}" if seeds > 1 else "")
+
+    table.add_row(figure("topk_accuracy"), figure("exact_accuracy"), f"{result['seconds']:.1f}")
     Console().print(table)
     typer.echo(f"wrote {out}/grid.png, {out}/iclevr/, {out}/results.json")
