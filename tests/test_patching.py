@@ -98,5 +98,5 @@ def test_a_model_below_64_pixels_warns_that_it_is_capped():
     from clevrgen.errors import ClevrgenWarning
     from clevrgen.model import warn_if_upsampled
 
-    with pytest.warns(ClevrgenWarning, match="0.578"):
+    with pytest.warns(ClevrgenWarning, match="0.554"):
         warn_if_upsampled(load_config(None, ["model.image_size=32"]).model)

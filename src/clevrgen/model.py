@@ -75,7 +75,7 @@ def warn_if_upsampled(cfg: ModelConfig) -> None:
         from clevrgen.errors import warn
 
         warn(f"model.image_size = {cfg.image_size}: images are drawn below 64x64 and enlarged, which caps "
-             "accuracy (real images through a 32x32 path score 0.578 top-k, see benchmarks/resolution_path.py); "
+             "accuracy (real held-out images through a 32x32 path score 0.554 top-k, see benchmarks/resolution_path.py); "
              "model.patch_size = 2 keeps full 64x64 output at a similar cost")
 
 
