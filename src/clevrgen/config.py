@@ -63,8 +63,8 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     image_size: int = Field(64, ge=8, le=64)
     """The resolution the model draws at. Below 64 the data is downsampled and samples are
-    upsampled back to 64x64, which caps accuracy (real images through a 32x32 path score 0.578
-    top-k; see benchmarks/resolution_path.py): training and sampling warn. Use patch_size."""
+    upsampled back to 64x64, which caps accuracy (real held-out images through a 32x32 path score
+    0.554 top-k; see benchmarks/resolution_path.py): training and sampling warn. Use patch_size."""
     patch_size: Literal[1, 2, 4] = 1
     """Pixel-unshuffle each p x p patch into channels before the UNet and shuffle back after it:
     the UNet works on (image_size / p)^2 positions with 3 p^2 channels, and every pixel of the
