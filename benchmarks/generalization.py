@@ -158,7 +158,8 @@ def _confusion_lines(r: dict[str, Any], rule: str = "topk", top: int = 5) -> str
     subs = ", ".join(f"{s['true']} → {s['predicted']} ×{s['count']}" for s in c["substitutions"][:top]) or "none"
     missing = ", ".join(f"{k} ×{n}" for k, n in list(c["missing"].items())[:top]) or "none"
     extra = ", ".join(f"{k} ×{n}" for k, n in list(c["extra"].items())[:top]) or "none"
-    return f"substitutions: {subs}; missing: {missing}; extra: {extra}"
+    swaps = ", ".join(f"{k} ×{n}" for k, n in c["shape_swaps"].items()) or "none"
+    return f"substitutions: {subs}; wrong shapes: {swaps}; missing: {missing}; extra: {extra}"
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -104,6 +104,7 @@ def test_each_kind_of_error_on_hand_made_probabilities():
     subs = result["confusions"]["topk"]["substitutions"]
     assert {(s["true"], s["predicted"], s["kind"]) for s in subs} == {
         ("blue sphere", "blue cylinder", "wrong_shape"), ("red cube", "green cube", "wrong_colour")}
+    assert result["confusions"]["topk"]["shape_swaps"] == {"sphere -> cylinder": 1}
 
 
 def test_substitutes_are_paired_by_a_maximum_matching():

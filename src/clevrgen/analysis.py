@@ -137,6 +137,8 @@ def _confusions(errors: list[ImageErrors], top: int) -> dict[str, Any]:
     return {
         "substitutions": [{"true": t, "predicted": p, "kind": k, "count": n}
                           for (t, p, k), n in sorted(pairs.items(), key=lambda x: (-x[1], x[0]))[:top]],
+        "shape_swaps": dict(Counter(f"{t.split()[1]} -> {p.split()[1]}" for e in errors for t, p in e.wrong_shape)
+                            .most_common()),
         "missing": dict(Counter(m for e in errors for m in e.missing).most_common(top)),
         "extra": dict(Counter(x for e in errors for x in e.extra).most_common(top)),
     }
