@@ -175,15 +175,19 @@ def judge_probs(judge: nn.Module, images: torch.Tensor, batch_size: int = 256) -
     return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES)
 
 
-def topk_hits(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per image and class: True where a true class is among the image's k highest outputs,
-    k = the image's number of true classes (the course's rule)."""
-    labels = labels.bool()
-    k = labels.sum(1, keepdim=True)
+def topk_predictions(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image and class: True for the image's k highest outputs, k = the image's number of
+    true classes (the course's rule)."""
+    k = labels.bool().sum(1, keepdim=True)
     # rank of each output within its row; ties go to the lower class index, like a stable sort
     order = probs.float().argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(probs.shape[1]).expand_as(order))
-    return labels & (rank < k)
+    return rank < k
+
+
+def topk_hits(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image and class: True where a true class is among the image's k highest outputs."""
+    return labels.bool() & topk_predictions(probs, labels)
 
 
 def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:

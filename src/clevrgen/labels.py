@@ -22,7 +22,10 @@ NUM_CLASSES = len(COLORS) * len(SHAPES)
 # The official order (objects.json): shape-major, colors in the order above.
 PHRASES = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
 CLASS_INDEX = {phrase: i for i, phrase in enumerate(PHRASES)}
-SPLITS = ("test", "new_test")
+OFFICIAL_SPLITS = ("test", "new_test")
+# Label sets beyond train.json, made by scripts/make_splits.py (docs/generalization.md).
+GENERALIZATION_SPLITS = ("unseen_triples", "four_objects", "five_objects")
+SPLITS = OFFICIAL_SPLITS + GENERALIZATION_SPLITS
 
 
 def asset_path(name: str) -> Path:
@@ -105,19 +108,19 @@ def phrases_of(labels: "torch.Tensor") -> list[list[str]]:
 
 @lru_cache(maxsize=None)
 def shipped_split(name: str) -> tuple[tuple[str, ...], ...]:
-    """The official ``test`` / ``new_test`` phrase lists shipped with clevrgen."""
+    """The phrase lists of a split shipped with clevrgen (one of :data:`SPLITS`)."""
     return tuple(tuple(scene) for scene in json.loads(asset_path(f"{name}.json").read_text()))
 
 
 def load_label_sets(split: str) -> list[list[str]]:
-    """``test``, ``new_test`` or a path to a JSON list of phrase lists; validated."""
+    """A shipped split (one of :data:`SPLITS`) or a path to a JSON list of phrase lists; validated."""
     if split in SPLITS:
         scenes = [list(s) for s in shipped_split(split)]
     else:
         path = Path(split)
         if not path.is_file():
             raise DataError(
-                f"no such split or file: {split} (use {' or '.join(SPLITS)}, or a JSON file "
+                f"no such split or file: {split} (use one of {', '.join(SPLITS)}, or a JSON file "
                 "holding a list of phrase lists)"
             )
         try:
