@@ -86,10 +86,10 @@ def judge_floor(judge, judge_path: Path | None, data: Path) -> dict[str, Any]:
 
 def load_generator(checkpoint: Path | None, steps: int | None, sampler: str | None, guidance: float | None):
     from clevrgen.config import Config
-    from clevrgen.model import artifact_dir, latest_run
+    from clevrgen.model import resolve_checkpoint
     from clevrgen.pipeline import ScenePipeline
 
-    pipeline = ScenePipeline.from_run(artifact_dir(checkpoint) if checkpoint else latest_run())
+    pipeline = ScenePipeline.from_run(resolve_checkpoint(checkpoint))
     sample = pipeline.config.sample.model_dump()
     sample.update({k: v for k, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance)) if v is not None})
     raw = pipeline.config.model_dump(mode="json")
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--renders", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=1000)
     parser.add_argument("--data", type=Path, default=None, help="the i-CLEVR folder the judge was trained on (floor)")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="a run folder [default: the newest under runs/]")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a run folder, or latest [default: the shipped model]")
     parser.add_argument("--seeds", type=int, default=3, help="seed runs per split for the generator")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--sampler", default=None)

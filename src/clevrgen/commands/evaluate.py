@@ -27,7 +27,7 @@ EXAMPLES = """Examples:
 
 
 def evaluate(
-    split: Annotated[Optional[str], typer.Option("--split", help="test, new_test, or a JSON file of phrase lists. (default: evaluate.split)")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="test, new_test, unseen_triples, four_objects, five_objects, or a JSON file of phrase lists. (default: evaluate.split)")] = None,
     checkpoint: CheckpointOption = None,
     evaluator: Annotated[Optional[Path], typer.Option("--evaluator", help="A course-format classifier .pth (key 'model') or a clevrgen judge. (default: the shipped judge)")] = None,
     steps: StepsOption = None,
