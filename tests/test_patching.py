@@ -100,3 +100,16 @@ def test_a_model_below_64_pixels_warns_that_it_is_capped():
 
     with pytest.warns(ClevrgenWarning, match="0.554"):
         warn_if_upsampled(load_config(None, ["model.image_size=32"]).model)
+
+
+def test_accuracy_against_training_minutes_from_the_metrics(tmp_path):
+    from clevrgen.report import accuracy_curve, plot_accuracy_curve
+
+    records = [{"step": 10, "loss": 1.0, "images_per_second": 32.0},
+               {"step": 20, "loss": 0.9, "images_per_second": 16.0, "test_topk_accuracy": 0.5,
+                "test_exact_accuracy": 0.25}]
+    rows = accuracy_curve(records, batch_size=96, splits=["test"])
+    # 10 steps of 96 images at 32 img/s (0.5 min), then 10 more at 16 img/s (1 min)
+    assert rows == [{"step": 20, "minutes": pytest.approx(1.5), "test_topk": 0.5, "test_exact": 0.25}]
+    plot_accuracy_curve(rows, ["test"], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""Pictures of a run: the loss curve from ``metrics.jsonl``."""
+"""Pictures of a run: the loss curve and accuracy against training time, from ``metrics.jsonl``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,60 @@ def plot_metrics(metrics: Path, out: Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def training_minutes(records: list[dict], batch_size: int) -> list[tuple[int, float]]:
+    """(step, minutes of training) at every logged step: each log window's images over its
+    measured images/s, summed. Time spent sampling for evaluations is not counted."""
+    out, minutes, last = [], 0.0, 0
+    for r in records:
+        if "images_per_second" in r and r["images_per_second"] > 0 and r["step"] > last:
+            minutes += (r["step"] - last) * batch_size / r["images_per_second"] / 60
+            last = r["step"]
+            out.append((r["step"], minutes))
+    return out
+
+
+def accuracy_curve(records: list[dict], batch_size: int, splits: list[str]) -> list[dict]:
+    """One row per evaluation: step, training minutes, epochs-free, and each split's accuracies."""
+    at = dict(training_minutes(records, batch_size))
+    rows = []
+    for r in records:
+        if any(f"{s}_topk_accuracy" in r for s in splits) and r["step"] in at:
+            row = {"step": r["step"], "minutes": at[r["step"]]}
+            for s in splits:
+                for kind in ("topk", "exact"):
+                    if f"{s}_{kind}_accuracy" in r:
+                        row[f"{s}_{kind}"] = r[f"{s}_{kind}_accuracy"]
+            rows.append(row)
+    return rows
+
+
+def plot_accuracy_curve(rows: list[dict], splits: list[str], out: Path, title: str = "") -> None:
+    """Judge top-k (solid) and exact-set (dashed) accuracy against minutes of training, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    for i, s in enumerate(splits):
+        color = f"C{i}"
+        ax.plot([r["minutes"] for r in rows], [r.get(f"{s}_topk") for r in rows], "o-", color=color, ms=3,
+                label=f"{s} top-k")
+        ax.plot([r["minutes"] for r in rows], [r.get(f"{s}_exact") for r in rows], "s--", color=color, ms=2.5,
+                alpha=0.6, label=f"{s} exact-set")
+    ax.set_xlabel("minutes of training")
+    ax.set_ylabel("judge accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
