@@ -268,7 +268,10 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
 
     from clevrgen.data.iclevr import cache_path, decode_image, fingerprint_of, save_cache
     from clevrgen.labels import CLASS_INDEX
-    from clevrgen.runtime import atomic_path, atomic_write_text
+    import signal
+
+    from clevrgen.errors import Interrupted
+    from clevrgen.runtime import SIGNAL_NAMES, append_jsonl, atomic_path, atomic_write_text, deferred_stop
 
     out = Path(out)
     plan_scenes(spec)  # validates every phrase before anything is written
@@ -307,17 +310,23 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
         with atomic_path(out / "iclevr" / name) as tmp:
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
-    with open(journal, "a") if pngs else _nullfile() as log, ThreadPoolExecutor(4) as pool:
+    # Ctrl-C or SIGTERM: the batch in hand is finished and journalled, then the render stops
+    with deferred_stop() as stop, ThreadPoolExecutor(4) as pool:
         batches = iter_render(spec, seed, device, style=style, skip=kept)
         for names, batch, batch_facts in _tracked(batches, len(spec), progress, done=len(kept)):
             if fmt != "png":
                 images.update(zip(names, batch))
             if pngs:
                 list(pool.map(write_png, names, batch))
-                log.write(json.dumps(dict(zip(names, batch_facts))) + "\n")
-                log.flush()
+                append_jsonl(journal, dict(zip(names, batch_facts)))
             facts.update(zip(names, batch_facts))
             rendered += len(names)
+            if stop.requested and len(kept) + rendered < len(spec):
+                how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {SIGNAL_NAMES[stop.signum]}"
+                kept_note = ("the finished images are kept: run the same command again to go on" if pngs else
+                             "--format cache keeps nothing of an unfinished render")
+                raise Interrupted(f"render {how} after {len(kept) + rendered:,} of {len(spec):,} images; {kept_note}",
+                                  exit_code=128 + stop.signum)
     atomic_write_text(out / "scenes.json", json.dumps({n: facts[n] for n in spec}))
     if fmt != "png":
         for name in kept:
@@ -331,14 +340,6 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     if fmt == "png":  # a cache of an earlier render of this folder would be stale now
         cache_path(out).unlink(missing_ok=True)
     return {"rendered": rendered, "kept": len(spec) - rendered}
-
-
-class _nullfile:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def random_label_sets(count: int, objects: tuple[int, int], generator: torch.Generator) -> list[list[str]]:
