@@ -10,6 +10,7 @@ The ray casting itself lives in :mod:`clevrgen.data.raycast`.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import math
@@ -311,7 +312,7 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
     # Ctrl-C or SIGTERM: the batch in hand is finished and journalled, then the render stops
-    with deferred_stop() as stop, ThreadPoolExecutor(4) as pool:
+    with _kept_on_failure(out if pngs else None), deferred_stop() as stop, ThreadPoolExecutor(4) as pool:
         batches = iter_render(spec, seed, device, style=style, skip=kept)
         for names, batch, batch_facts in _tracked(batches, len(spec), progress, done=len(kept)):
             if fmt != "png":
@@ -340,6 +341,20 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     if fmt == "png":  # a cache of an earlier render of this folder would be stale now
         cache_path(out).unlink(missing_ok=True)
     return {"rendered": rendered, "kept": len(spec) - rendered}
+
+
+@contextlib.contextmanager
+def _kept_on_failure(out: Path | None):
+    """A write the disk refused ends in one line that says what is kept (the PNGs of ``out``)."""
+    from clevrgen.runtime import WriteError
+
+    try:
+        yield
+    except WriteError as exc:
+        if out is None:
+            raise
+        raise WriteError(f"{exc}; the images written so far are kept: make room, then run the same command again "
+                         "to go on", exc.path, exc.errno, exc.needed) from None
 
 
 def random_label_sets(count: int, objects: tuple[int, int], generator: torch.Generator) -> list[list[str]]:
