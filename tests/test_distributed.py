@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -38,3 +40,34 @@ def test_two_cpu_ranks_stay_in_sync_and_resume_alone(dataset, tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stdout + single.stderr
     assert "6 steps" in single.stdout
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(dataset, tmp_path):
+    """SIGTERM reaches one worker only: the ranks' stop vote has all of them finish the same step,
+    rank 0 checkpoint it, and each end with the same one-line message and exit 143."""
+    import signal
+    import time
+
+    import torch
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "clevrgen", "train", "--out", str(run),
+           *overrides(f"data.path='{dataset}'", "train.steps=100000", "train.checkpoint_every=100000")]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 240
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output
+    assert "/clevrgen/" not in output, output  # no traceback of ours (torchrun prints its own report)
+    step = torch.load(run / "state.pt", weights_only=True)["step"]
+    stops = re.findall(r"stopped by SIGTERM at step (\d+); checkpoint saved", " ".join(output.split()))
+    # rank 1 always reports; rank 0 too, unless torchrun, seeing rank 1 end, stops it after its save
+    assert stops and set(stops) == {str(step)}, output

@@ -171,3 +171,113 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(dataset, tm
     with pytest.raises(TrainingInterrupted, match="interrupted twice at step 2: stopped without saving"):
         train(cfg, tmp_path / "run", load_iclevr(dataset, progress=False), progress=False)
     assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["step"] == 2
+
+
+def test_sigterm_stops_like_ctrl_c_and_a_second_writer_is_refused(dataset, tmp_path):
+    """SIGTERM (kill, timeout, a SLURM preemption) finishes the step, checkpoints and exits 143.
+    While the run trains, a second writer of its folder (a resume, or a new run with the same
+    --out) is refused at once with the holder's PID, and writes nothing."""
+    from typer.testing import CliRunner
+
+    from clevrgen.cli import app
+    from clevrgen.runtime import run_lock
+
+    run = tmp_path / "run"
+    values = settings(dataset, "train.steps=100000", "train.checkpoint_every=100000")
+    process = start(["train", "--out", str(run), *set_args(values)])
+    assert wait_for(lambda: len((run / METRICS_FILE).read_text().splitlines()) >= 2
+                    if (run / METRICS_FILE).exists() else False, process), process.communicate()
+    before = sorted(p.name for p in run.iterdir())
+    for args in (["train", "--resume", str(run)], ["train", "--out", str(run), *set_args(values)]):
+        second = CliRunner().invoke(app, args)
+        assert second.exit_code == 1, second.output
+        assert f"is being trained by another process (PID {process.pid})" in " ".join(second.output.split())
+        assert "Traceback" not in second.output
+    assert sorted(p.name for p in run.iterdir()) == before and not (run / STATE_FILE).exists()
+
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err
+    step = torch.load(run / STATE_FILE, weights_only=True)["step"]
+    assert f"stopped by SIGTERM at step {step}; checkpoint saved. Resume with: clevrgen train --resume {run}" \
+        in " ".join(err.split())
+    assert (run / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    with run_lock(run):  # the OS released the lock with the process
+        pass
+
+
+def test_sigterm_mid_step_resumes_exactly(dataset, tmp_path, monkeypatch):
+    """SIGTERM inside a step and a log window, sent twice (a scheduler, or torchrun forwarding it):
+    the step is finished, the checkpoint saved, the exit code is 143, and the resumed run logs and
+    ends bit for bit as a straight one."""
+    from clevrgen.train import TrainingInterrupted
+
+    data = load_iclevr(dataset, progress=False)
+    cfg = load_config(None, [*TINY, "train.steps=6", "train.log_every=2", "train.checkpoint_every=4"])
+    train(cfg, tmp_path / "straight", data, progress=False)
+
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_terminate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM does not cut the save short
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_terminate)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at step 3; checkpoint saved") as stopped:
+        train(cfg, tmp_path / "run", data, progress=False)
+    assert stopped.value.exit_code == 143
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
+    assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["step"] == 3
+    train(cfg, tmp_path / "run", data, resume=True, progress=False)
+    assert trace(tmp_path / "run") == trace(tmp_path / "straight")
+    for key in ("model", "optimizer"):
+        a, b = (torch.load(r / STATE_FILE, weights_only=True)[key] for r in (tmp_path / "straight", tmp_path / "run"))
+        flat_a, flat_b = (torch.nn.utils.parameters_to_vector([v for v in _tensors(x)]) for x in (a, b))
+        assert torch.equal(flat_a, flat_b), key
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    ema_a, ema_b = (load_file(r / weights) for r in (tmp_path / "straight", tmp_path / "run"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def _tensors(tree):
+    """Every floating tensor of a nested state dict, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree.float().flatten()] if tree.is_floating_point() else []
+    items = sorted(tree.items(), key=lambda kv: str(kv[0])) if isinstance(tree, dict) else enumerate(tree)
+    return [t for _, v in items if isinstance(v, (torch.Tensor, dict, list, tuple)) for t in _tensors(v)]
+
+
+def test_a_render_stops_cleanly_on_sigterm_and_resumes(tmp_path, monkeypatch):
+    """SIGTERM during `data render`: the batch in hand is written and journalled, the render
+    stops with exit 143, and the next run renders only the rest, to the same images."""
+    from clevrgen.data import render as R
+    from clevrgen.data.iclevr import load_iclevr as read
+    from clevrgen.errors import Interrupted
+
+    spec = R.random_spec(6, (1, 2), seed=0)
+    R.render_folder(tmp_path / "straight", spec, seed=1, progress=False)
+    real = R.iter_render
+
+    def small_batches_then_sigterm(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **{**kwargs, "batch_size": 2})):
+            if i == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(R, "iter_render", small_batches_then_sigterm)
+    with pytest.raises(Interrupted, match=rf"render stopped by SIGTERM after \d+ of {len(spec)} images; the finished "
+                                          "images are kept: run the same command again") as stopped:
+        R.render_folder(tmp_path / "run", spec, seed=1, progress=False)
+    assert stopped.value.exit_code == 143
+    done = int(str(stopped.value).split(" after ")[1].split()[0])
+    assert 0 < done < len(spec) and len(list((tmp_path / "run" / "iclevr").glob("*.png"))) == done
+    monkeypatch.setattr(R, "iter_render", real)
+    assert R.render_folder(tmp_path / "run", spec, seed=1, progress=False) == {"rendered": len(spec) - done,
+                                                                                 "kept": done}
+    a, b = (read(tmp_path / name, progress=False) for name in ("straight", "run"))
+    assert a.names == b.names and torch.equal(a.images, b.images)
+    assert not [p.name for p in (tmp_path / "run").rglob(".*")]

@@ -443,3 +443,193 @@ def test_sampling_works_offline(runner, run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     expect(runner, ["sample", "red sphere", "--checkpoint", run, "-o", tmp_path / "o.png", *SAMPLE], 0, "wrote")
+
+
+# --- one writer, full disks, stop signals -------------------------------------------------------
+
+
+def test_readers_need_no_lock_and_writers_get_the_holders_pid(runner, run, tmp_path):
+    """While another process holds the run folder (here a bare flock, as a training run holds it),
+    sampling and evaluation read it; training into it is refused in one line, with the PID."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
+        "time.sleep(60)"), str(run / "train.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        expect(runner, ["sample", "red sphere", "--checkpoint", run, "-o", tmp_path / "s.png", *SAMPLE], 0)
+        expect(runner, ["train", "--resume", run], 1,
+               f"{run} is being trained by another process (PID {holder.pid}): one writer per run folder")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _fail_state_writes(monkeypatch, after: int):
+    """os.replace of state.pt fails with ENOSPC from its ``after + 1``-th call on."""
+    import errno
+    import os
+
+    real, calls = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == STATE_FILE:
+            calls.append(dst)
+            if len(calls) > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return real
+
+
+def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes_exactly(dataset, tmp_path, monkeypatch):
+    """The disk fills at the second checkpoint (the OSError injected into the atomic writer):
+    one line names the file, its size and the intact checkpoint; no temporary is left; the old
+    checkpoint and artifact load, and the resumed run ends as a straight one."""
+    import os
+
+    from clevrgen.model import load_artifact
+    from clevrgen.runtime import WriteError
+
+    data = load_iclevr(dataset, progress=False)
+    cfg = load_config(None, [*TINY, "train.steps=6", "train.checkpoint_every=2"])
+    train(cfg, tmp_path / "straight", data, progress=False)
+    run = tmp_path / "run"
+    real = _fail_state_writes(monkeypatch, after=1)
+    with pytest.raises(WriteError) as failed:
+        train(cfg, run, data, progress=False)
+    monkeypatch.setattr(os, "replace", real)
+    size = (tmp_path / "straight" / STATE_FILE).stat().st_size
+    assert str(failed.value).startswith(f"cannot write {run / STATE_FILE} ({size / 1e6:.1f} MB): No space left on "
+                                        "device (")
+    assert str(failed.value).endswith(f"; the last checkpoint, at step 2, is intact. Make room, then resume with: "
+                                      f"clevrgen train --resume {run}")
+    assert failed.value.exit_code == 1 and "\n" not in str(failed.value)
+    assert not [p.name for p in run.rglob(".*")]
+    assert torch.load(run / STATE_FILE, weights_only=True)["step"] == 2
+    load_artifact(run)
+    train(cfg, run, data, resume=True, progress=False)
+    a, b = (torch.load(r / STATE_FILE, weights_only=True)["model"] for r in (tmp_path / "straight", run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_while_writing_the_unet_folder(run, tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error (``... (os error 28)``): the half-written
+    folder is removed, the old one kept, and the message is one line."""
+    import safetensors.torch
+
+    from clevrgen.model import load_artifact, save_artifact
+    from clevrgen.runtime import WriteError
+
+    copy = copy_run(run, tmp_path)
+    model, cfg = load_artifact(copy)
+    before = (copy / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(WriteError, match=rf"^cannot write {copy / 'unet'}: No space left on device \(.* free\)$"):
+        save_artifact(model, cfg, copy)
+    assert not [p.name for p in copy.rglob(".*")]
+    assert (copy / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    load_artifact(copy)
+
+
+def test_a_failed_append_leaves_no_half_record(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from clevrgen.runtime import WriteError, append_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(path, {"step": 1})
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, data[:5]))  # the disk fills mid-line
+    with pytest.raises(WriteError, match="cannot write .*metrics.jsonl"):
+        append_jsonl(path, {"step": 2})
+    monkeypatch.setattr(os, "write", real)
+    assert path.read_text() == '{"step": 1}\n'
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 600 kB (mounting needs root; skipped elsewhere). Yields (folder, resize)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    try:
+        yield mount, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_small_real_disk_costs_nothing(runner, dataset, small_disk):
+    """On a real full file system: the first checkpoint does not fit (the issue's 600 kB tmpfs);
+    then one does and the next does not. Each ends in one line, exit 1, no temporaries; the run
+    resumes once there is room."""
+    from clevrgen.model import load_artifact
+
+    disk, resize = small_disk
+    args = ["train", "--out", disk / "run", *[x for s in TINY for x in ("--set", s)], "--set",
+            f"data.path='{dataset}'", "--set", "train.steps=6", "--set", "train.checkpoint_every=2"]
+    expect(runner, args, 1, f"cannot write {disk / 'run' / STATE_FILE} (1.4 MB): No space left on device",
+           "no checkpoint had been saved yet")
+    assert not [p.name for p in disk.rglob(".*")]
+
+    shutil.rmtree(disk / "run")
+    resize("2600k")  # one checkpoint (state.pt 1.4 MB, unet 0.3 MB) fits, not a second state.pt beside it
+    result = expect(runner, args, 1, f"cannot write {disk / 'run' / STATE_FILE} (1.4 MB): No space left on device (",
+                    "free); the last checkpoint, at step 2, is intact. Make room, then resume with: "
+                    f"clevrgen train --resume {disk / 'run'}")
+    assert result.output[result.output.index("error: cannot write"):].count("\n") == 1  # one line, the last
+    assert not [p.name for p in disk.rglob(".*")]
+    assert torch.load(disk / "run" / STATE_FILE, weights_only=True)["step"] == 2
+    load_artifact(disk / "run")
+    resize("8m")
+    expect(runner, ["train", "--resume", disk / "run"], 0, "6 steps")
+
+
+def test_a_render_onto_a_full_disk_ends_in_one_line_and_resumes(runner, small_disk):
+    disk, resize = small_disk
+    resize("300k")
+    args = ["data", "render", "--out", disk / "r", "--random", "200", "--objects", "1-1"]
+    result = expect(runner, args, 1, f"cannot write {disk / 'r'}", "No space left on device",
+                    "the images written so far are kept: make room, then run the same command again to go on")
+    assert result.output[result.output.index("error: cannot write"):].count("\n") == 1  # one line, the last
+    assert not [p.name for p in disk.rglob(".*.tmp")]
+    resize("8m")
+    assert ", 0 already there" not in flat(expect(runner, args, 0, "already there"))
+
+
+def test_sigterm_during_an_evaluation_stops_in_one_line(runner, run, tmp_path, monkeypatch):
+    """Outside training and rendering, SIGTERM ends a command at once with one line and exit 143;
+    every file is written whole, so nothing is left half-written."""
+    import os
+    import signal
+
+    from clevrgen import pipeline
+
+    real = pipeline.ScenePipeline.generate
+
+    def generate_and_terminate(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.ScenePipeline, "generate", generate_and_terminate)
+    out = tmp_path / "eval"
+    expect(runner, ["evaluate", "--checkpoint", run, "--split", "test", "--out", out, "--steps", "1"], 143,
+           "stopped by SIGTERM; no file was left half-written: run the same command again")
+    assert not (out / "results.json").exists() and not [p.name for p in tmp_path.rglob(".*.tmp")]

@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 from clevrgen import __version__
 from clevrgen.commands import data, denoise_strip, evaluate, evaluator, sample, train
 from clevrgen.errors import ClevrgenError, ClevrgenWarning
+from clevrgen.runtime import DISK_ERRNOS, StopSignal, sigterm_raises
 
 err_console = Console(stderr=True)
 
@@ -33,16 +34,32 @@ class ClevrgenGroup(TyperGroup):
                 show_other(message, category, filename, lineno, file, line)
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), sigterm_raises():
                 warnings.simplefilter("always", ClevrgenWarning)
                 warnings.showwarning = show
                 return super().invoke(ctx)
-        except ClevrgenError as exc:
+        except (ClevrgenError, StopSignal, KeyboardInterrupt, OSError) as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
+            if isinstance(exc, OSError) and exc.errno not in DISK_ERRNOS:
+                raise  # not the user's: a bug
+            message, code = _one_line(exc)
             # soft_wrap: long paths stay whole (copyable); the terminal wraps the line.
-            err_console.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            err_console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+            raise typer.Exit(code) from None
+
+
+def _one_line(exc: BaseException) -> tuple[str, int]:
+    """The message and exit code of an error, a stop signal outside a loop that defers it (every
+    file is written whole, so the command can simply be run again), or a write the disk refused
+    somewhere no writer names it."""
+    if isinstance(exc, ClevrgenError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, (StopSignal, KeyboardInterrupt)):
+        name, code = ("SIGTERM", 143) if isinstance(exc, StopSignal) else ("Ctrl-C", 130)
+        return (f"stopped by {name}; no file was left half-written: run the same command again to finish "
+                "(data render and train --resume go on from where they stopped)"), code
+    return f"cannot write {exc.filename or 'a file'}: {exc.strerror}", 1
 
 
 app = typer.Typer(

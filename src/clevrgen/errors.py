@@ -36,6 +36,15 @@ class CheckpointError(ClevrgenError):
     """A checkpoint that is missing, truncated or of the wrong kind."""
 
 
+class Interrupted(ClevrgenError):
+    """Work stopped by a signal at a clean point: exit 130 for Ctrl-C, 143 for SIGTERM (128 + the
+    signal's number, as a shell reports a process the signal ended)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ClevrgenWarning(UserWarning):
     """Something the user may want to know (the CLI prints it as ``warning: message``)."""
 

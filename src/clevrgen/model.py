@@ -98,14 +98,23 @@ def _replace_dir(write, target: Path) -> None:
     A kill between the two renames leaves no ``target`` but a complete ``.target.old``, which
     :func:`_settled_dir` reads; a kill at any other moment leaves ``target`` complete.
     """
+    from clevrgen.runtime import os_error_of, write_error
+
     tmp = target.with_name(f".{target.name}.tmp")
     old = _old_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        tmp.rename(target)
+    except BaseException as exc:  # a full disk: the old folder stays, the half-written one goes
+        err = os_error_of(exc, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err is not None:
+            raise write_error(err, target) from None
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

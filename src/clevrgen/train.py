@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +22,19 @@ import torch.nn.functional as F
 from clevrgen.config import Config, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
-from clevrgen.errors import CheckpointError, ClevrgenError, UsageError, first_line
+from clevrgen.errors import CheckpointError, ClevrgenError, Interrupted, UsageError, first_line
 from clevrgen.model import LabelConditionedUNet, build_model, max_objects_of, save_artifact, warn_if_upsampled
 from clevrgen.runtime import (
-    append_jsonl, atomic_path, atomic_write_text, autocast, autocast_dtype, deferred_sigint, init_distributed,
-    resolve_device,
+    SIGNAL_NAMES, StopVote, WriteError, append_jsonl, atomic_path, atomic_write_bytes, atomic_write_text, autocast,
+    autocast_dtype, deferred_stop, init_distributed, resolve_device, run_lock,
 )
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainingInterrupted(ClevrgenError):
-    exit_code = 130
+class TrainingInterrupted(Interrupted):
+    """Training stopped by Ctrl-C (exit 130) or SIGTERM (exit 143)."""
 
 
 @dataclass
@@ -188,8 +189,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """The resumable state (atomic) and the sampling artifact (EMA weights)."""
-        with atomic_path(self.run_dir / STATE_FILE) as tmp:
-            torch.save(self.state_dict(), tmp)
+        import io
+
+        buffer = io.BytesIO()  # torch.save to a full disk fails as a RuntimeError; a plain write as an OSError
+        torch.save(self.state_dict(), buffer)
+        atomic_write_bytes(self.run_dir / STATE_FILE, buffer.getbuffer())
         save_artifact(self.ema_model(), self.cfg, self.run_dir, {**self.training_data, "steps": self.step})
 
     def load_checkpoint(self) -> None:
@@ -340,9 +344,9 @@ class Trainer:
         bar = make_progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
                             enabled=self.progress and main)
         interrupt = None
+        stop_vote = StopVote(self.dist.enabled)  # under DDP every rank stops after the same step
         try:
-            # Under DDP each rank would stop at its own step and leave the others waiting: no deferral.
-            with bar, deferred_sigint(enabled=not self.dist.enabled) as interrupt:
+            with bar, deferred_stop(repeat_forces=not self.dist.enabled) as interrupt:
                 task = bar.add_task("training", total=t.steps, completed=self.step, loss=float("nan"), ips=0.0)
                 while self.step < t.steps:
                     self.window_loss += self.train_step()
@@ -377,8 +381,15 @@ class Trainer:
                             self.save_checkpoint()
                         self.barrier()
                     bar.update(task, completed=self.step, loss=loss, ips=ips)
-                    if interrupt.requested:  # Ctrl-C: stop here, between two whole steps
-                        raise KeyboardInterrupt
+                    if signum := stop_vote(interrupt.signum):  # Ctrl-C or SIGTERM: stop between two whole steps
+                        if not checkpoint_now:
+                            if main:
+                                self.save_checkpoint()
+                            self.barrier()  # no rank ends (and has torchrun stop the rest) before the save
+                        how = "interrupted" if signum == signal.SIGINT else f"stopped by {SIGNAL_NAMES[signum]}"
+                        raise TrainingInterrupted(
+                            f"{how} at step {self.step}; checkpoint saved. Resume with: clevrgen train --resume "
+                            f"{self.run_dir}", exit_code=128 + signum)
         except KeyboardInterrupt:
             if interrupt is not None and interrupt.forced:
                 raise TrainingInterrupted(
@@ -408,19 +419,33 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
                          "or choose another --out")
     trainer = Trainer(cfg, run_dir, data, progress=progress)
     try:
-        if resume:
-            trainer.load_checkpoint()
-            if trainer.dist.is_main:
-                from clevrgen.runtime import remove_stale_temporaries
+        with run_lock(run_dir, enabled=trainer.dist.is_main):  # one writer per run folder
+            if resume:
+                trainer.load_checkpoint()
+                if trainer.dist.is_main:
+                    from clevrgen.runtime import remove_stale_temporaries
 
-                drop_metrics_after(run_dir / METRICS_FILE, trainer.step)
-                remove_stale_temporaries(run_dir)  # half-written files of the killed run
-        return trainer.run()
+                    drop_metrics_after(run_dir / METRICS_FILE, trainer.step)
+                    remove_stale_temporaries(run_dir)  # half-written files of the killed run
+            return trainer.run()
+    except WriteError as exc:  # a full disk, a quota, a read-only folder: say what is safe
+        raise WriteError(f"{exc}; {checkpoint_note(run_dir)}", exc.path, exc.errno, exc.needed) from None
     finally:
         if trainer.dist.enabled:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """What a failed write left: the step of the intact ``state.pt`` (read back to be sure)."""
+    try:
+        step = int(torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)["step"])
+    except FileNotFoundError:
+        return "no checkpoint had been saved yet"
+    except Exception:
+        return f"{run_dir / STATE_FILE} cannot be read back"
+    return f"the last checkpoint, at step {step}, is intact. Make room, then resume with: clevrgen train --resume {run_dir}"
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

@@ -47,12 +47,13 @@ def train(
         cfg = resolve_config(config, overrides, print_config)
         stem = config.stem if config is not None else "run"
         run_dir = out or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from clevrgen.runtime import check_writable, resolve_device
+    from clevrgen.runtime import check_writable, is_rank_zero, resolve_device, run_lock
 
     check_writable(run_dir, folder=True)  # an unwritable --out or a missing GPU fails before any work
     resolve_device(cfg.train.device)
-    data = load_dataset(cfg.data)
-    result = run_training(cfg, run_dir, data, resume=resume is not None)
+    with run_lock(run_dir, enabled=is_rank_zero()):  # a second writer of run_dir fails here, at once
+        data = load_dataset(cfg.data)
+        result = run_training(cfg, run_dir, data, resume=resume is not None)
     if not result.is_main:  # under torchrun, rank 0 speaks for the job
         return
     val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""

@@ -10,6 +10,7 @@ The ray casting itself lives in :mod:`clevrgen.data.raycast`.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import math
@@ -268,7 +269,10 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
 
     from clevrgen.data.iclevr import cache_path, decode_image, fingerprint_of, save_cache
     from clevrgen.labels import CLASS_INDEX
-    from clevrgen.runtime import atomic_path, atomic_write_text
+    import signal
+
+    from clevrgen.errors import Interrupted
+    from clevrgen.runtime import SIGNAL_NAMES, append_jsonl, atomic_path, atomic_write_text, deferred_stop
 
     out = Path(out)
     plan_scenes(spec)  # validates every phrase before anything is written
@@ -307,17 +311,23 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
         with atomic_path(out / "iclevr" / name) as tmp:
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
-    with open(journal, "a") if pngs else _nullfile() as log, ThreadPoolExecutor(4) as pool:
+    # Ctrl-C or SIGTERM: the batch in hand is finished and journalled, then the render stops
+    with _kept_on_failure(out if pngs else None), deferred_stop() as stop, ThreadPoolExecutor(4) as pool:
         batches = iter_render(spec, seed, device, style=style, skip=kept)
         for names, batch, batch_facts in _tracked(batches, len(spec), progress, done=len(kept)):
             if fmt != "png":
                 images.update(zip(names, batch))
             if pngs:
                 list(pool.map(write_png, names, batch))
-                log.write(json.dumps(dict(zip(names, batch_facts))) + "\n")
-                log.flush()
+                append_jsonl(journal, dict(zip(names, batch_facts)))
             facts.update(zip(names, batch_facts))
             rendered += len(names)
+            if stop.requested and len(kept) + rendered < len(spec):
+                how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {SIGNAL_NAMES[stop.signum]}"
+                kept_note = ("the finished images are kept: run the same command again to go on" if pngs else
+                             "--format cache keeps nothing of an unfinished render")
+                raise Interrupted(f"render {how} after {len(kept) + rendered:,} of {len(spec):,} images; {kept_note}",
+                                  exit_code=128 + stop.signum)
     atomic_write_text(out / "scenes.json", json.dumps({n: facts[n] for n in spec}))
     if fmt != "png":
         for name in kept:
@@ -333,12 +343,18 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     return {"rendered": rendered, "kept": len(spec) - rendered}
 
 
-class _nullfile:
-    def __enter__(self):
-        return self
+@contextlib.contextmanager
+def _kept_on_failure(out: Path | None):
+    """A write the disk refused ends in one line that says what is kept (the PNGs of ``out``)."""
+    from clevrgen.runtime import WriteError
 
-    def __exit__(self, *exc):
-        return False
+    try:
+        yield
+    except WriteError as exc:
+        if out is None:
+            raise
+        raise WriteError(f"{exc}; the images written so far are kept: make room, then run the same command again "
+                         "to go on", exc.path, exc.errno, exc.needed) from None
 
 
 def random_label_sets(count: int, objects: tuple[int, int], generator: torch.Generator) -> list[list[str]]:
