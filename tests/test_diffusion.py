@@ -173,7 +173,7 @@ def test_fresh_scenes_fill_part_of_each_batch_and_resume_exactly(tmp_path, datas
     cfg = tiny_config("train.steps=3", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.patch_size=2")
     trainer = Trainer(cfg, None, data, progress=False)
     images, labels = trainer.fresh.draw(step=5)
-    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
     assert set(labels.sum(1).tolist()) <= {2.0, 3.0}
     again, _ = trainer.fresh.draw(step=5)
     assert torch.equal(images, again) and not torch.equal(images, trainer.fresh.draw(step=6)[0])
