@@ -28,6 +28,14 @@ def test_export_writes_a_loadable_fp16_artifact(trained_run, tmp_path):  # noqa:
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-3, msg=name)
 
 
+def test_export_command(runner, trained_run, tmp_path):  # noqa: F811
+    result = runner.invoke(app, ["export", str(trained_run), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "fp16 weights" in result.output and (tmp_path / "m" / "unet").is_dir()
+    result = runner.invoke(app, ["export", str(trained_run), "--out", str(trained_run)])
+    assert result.exit_code == 2 and "is the run itself" in result.output
+
+
 def test_commands_use_the_shipped_model_by_default_and_latest_on_request(runner, trained_run, tmp_path,  # noqa: F811
                                                                            monkeypatch):
     import clevrgen.model

@@ -13,7 +13,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from clevrgen import __version__
-from clevrgen.commands import data, denoise_strip, evaluate, evaluator, sample, train
+from clevrgen.commands import data, denoise_strip, evaluate, evaluator, export, sample, train
 from clevrgen.errors import ClevrgenError, ClevrgenWarning
 from clevrgen.runtime import DISK_ERRNOS, StopSignal, sigterm_raises
 
@@ -95,6 +95,7 @@ app.command("evaluate", help=evaluate.HELP, epilog=evaluate.EXAMPLES)(evaluate.e
 app.command("denoise-strip", help=denoise_strip.HELP, epilog=denoise_strip.EXAMPLES)(
     denoise_strip.denoise_strip
 )
+app.command("export", help=export.HELP, epilog=export.EXAMPLES)(export.export)
 app.add_typer(data.app, name="data")
 app.add_typer(evaluator.app, name="evaluator")
 
