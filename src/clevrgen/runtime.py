@@ -411,10 +411,12 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False
+    """Started by torchrun: a job of one process is a DDP job too (DDP, NCCL, the sync check)."""
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.launched or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -427,12 +429,12 @@ def init_distributed(device: "torch.device") -> tuple[Distributed, "torch.device
     Returns the job's shape and this rank's device (``cuda:LOCAL_RANK`` on GPUs).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it, even for 1 process
         return Distributed(), device
     import torch
     import torch.distributed as dist
 
-    dist_info = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_info = Distributed(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")), True)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
