@@ -45,6 +45,9 @@ def test_commands_use_the_shipped_model_by_default_and_latest_on_request(runner,
     result = runner.invoke(app, ["sample", "red sphere", "-o", "a.png", "--num", "2", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert "model: the shipped model" in result.output
+    result = runner.invoke(app, ["evaluate", "--split", "test", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert Path("eval-test/grid.png").is_file() and not (tmp_path / "shipped" / "eval-test").exists()
     Path("runs").mkdir()
     os.symlink(trained_run, "runs/mine")
     result = runner.invoke(app, ["sample", "red sphere", "-o", "b.png", "--num", "2", "--steps", "2",

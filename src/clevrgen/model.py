@@ -262,10 +262,14 @@ def resolve_checkpoint(checkpoint: Path | str | None) -> Path:
     return artifact_dir(Path(checkpoint))
 
 
+def is_shipped(run_dir: Path) -> bool:
+    return Path(run_dir).resolve() == SHIPPED_MODEL.resolve()
+
+
 def describe_model(run_dir: Path) -> str:
     """One line naming the model a command uses and what it was trained on."""
     record = training_data_of(run_dir)
-    name = "the shipped model" if Path(run_dir).resolve() == SHIPPED_MODEL.resolve() else str(run_dir)
+    name = "the shipped model" if is_shipped(run_dir) else str(run_dir)
     facts = [f"trained on {record['data']}" if record.get("data") else None,
              f"{record['steps']} steps" if record.get("steps") else None]
     facts = [f for f in facts if f]

@@ -36,7 +36,7 @@ def evaluate(
     seed: SeedOption = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Passes over the split, each with its own seeds: the "
                                        "accuracies are their mean, with the spread beside them. (default: 1)")] = 1,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the grid, images and results. (default: RUN/eval-<split>)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the grid, images and results. (default: RUN/eval-<split>; ./eval-<split> for the shipped model)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -51,7 +51,10 @@ def evaluate(
                              steps=steps, sampler=sampler, guidance=guidance, seed=seed)
     split = split or pipeline.config.evaluate.split
     evaluator = evaluator or pipeline.config.evaluate.evaluator
-    out = out or pipeline.run_dir / f"eval-{Path(split).stem}"
+    from clevrgen.model import is_shipped
+
+    # A run keeps its evaluations; the shipped model's folder is part of the install: write here.
+    out = out or (Path(".") if is_shipped(pipeline.run_dir) else pipeline.run_dir) / f"eval-{Path(split).stem}"
     from clevrgen.runtime import check_writable
 
     check_writable(out, folder=True)
