@@ -58,7 +58,7 @@ def _one_line(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, (StopSignal, KeyboardInterrupt)):
         name, code = ("SIGTERM", 143) if isinstance(exc, StopSignal) else ("Ctrl-C", 130)
         return (f"stopped by {name}; no file was left half-written: run the same command again to finish "
-                "(data render and train --resume go on from where they stopped)"), code
+                "(data render, evaluate and train --resume go on from where they stopped)"), code
     return f"cannot write {exc.filename or 'a file'}: {exc.strerror}", 1
 
 

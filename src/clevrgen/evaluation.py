@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
 from clevrgen.model import describe_model
 from clevrgen.pipeline import ScenePipeline
-from clevrgen.runtime import atomic_path, atomic_write_text
+from clevrgen.runtime import atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def write_image_folder(out: Path, images: torch.Tensor, scenes: list[list[str]]) -> None:
@@ -34,6 +35,40 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int = 8) -> None:
 
     with atomic_path(path) as tmp:
         save_image(images.float() / 255, tmp, nrow=per_row, padding=2, format="png")
+
+
+PASSES_DIR = ".passes"
+
+
+def pass_key(pipeline: ScenePipeline, scenes: list[list[str]]) -> str:
+    """What a pass's images depend on: the weights, the sampling settings and the label sets."""
+    import hashlib
+
+    weights = Path(pipeline.run_dir) / "unet" / "diffusion_pytorch_model.safetensors"
+    stat = weights.stat() if weights.exists() else None
+    facts = [str(Path(pipeline.run_dir).resolve()), stat and (stat.st_size, stat.st_mtime_ns),
+             pipeline.config.sample.model_dump(exclude={"seed", "num", "batch_size", "device"}), scenes]
+    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:16]
+
+
+def save_pass(out: Path, base: int, key: str, images: torch.Tensor) -> None:
+    """Keep a finished pass's images until the whole evaluation is done, so a stopped run resumes."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(out / PASSES_DIR / f"seed-{base}.safetensors",
+                       save({"images": images.contiguous()}, metadata={"key": key}))
+
+
+def load_pass(out: Path, base: int, key: str) -> torch.Tensor | None:
+    """The images of a pass an earlier run of the same evaluation finished, if any."""
+    from safetensors import safe_open
+
+    path = out / PASSES_DIR / f"seed-{base}.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("images") if (f.metadata() or {}).get("key") == key else None
+    except Exception:  # absent, or cut short: draw it again
+        return None
 
 
 def pass_seeds(base: int, passes: int, n: int) -> list[int]:
@@ -60,10 +95,14 @@ def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Pa
     s = pipeline.config.sample
     labels = pipeline.labels(scenes).cpu()
     passes, first = [], None
+    key = pass_key(pipeline, scenes)
     start = time.perf_counter()
     for k, base in enumerate(pass_seeds(s.seed, seeds, len(scenes))):
         what = f"sampling {Path(split).stem}" + (f" (seed {k + 1} of {seeds})" if seeds > 1 else "")
-        images = pipeline.generate(scenes, [base + i for i in range(len(scenes))], progress, what)
+        images = load_pass(out, base, key)  # a pass finished by an earlier, stopped run
+        if images is None:
+            images = pipeline.generate(scenes, [base + i for i in range(len(scenes))], progress, what)
+            save_pass(out, base, key, images)
         scores = score_predictions(judge_probs(judge, images), labels)
         passes.append({"seed": base, "topk_accuracy": scores["topk_accuracy"],
                        "exact_accuracy": scores["exact_accuracy"]})
@@ -104,4 +143,5 @@ def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Pa
         "config": pipeline.config.model_dump(mode="json"),
     }
     atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    shutil.rmtree(out / PASSES_DIR, ignore_errors=True)  # finished: results.json holds every pass
     return result
