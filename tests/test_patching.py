@@ -113,3 +113,13 @@ def test_accuracy_against_training_minutes_from_the_metrics(tmp_path):
     assert rows == [{"step": 20, "minutes": pytest.approx(1.5), "test_topk": 0.5, "test_exact": 0.25}]
     plot_accuracy_curve(rows, ["test"], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_the_lr_cools_down_over_the_last_steps():
+    from clevrgen.train import lr_lambda
+
+    f = lr_lambda(warmup=10, steps=100, decay_steps=40, final=0.1)
+    assert f(0) == pytest.approx(0.1) and f(30) == 1.0 and f(60) == 1.0
+    assert f(80) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+    assert [f(s) for s in range(60, 101)] == sorted([f(s) for s in range(60, 101)], reverse=True)
+    assert lr_lambda(warmup=0)(10**6) == 1.0

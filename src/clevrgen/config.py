@@ -112,6 +112,10 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(500, ge=0)
+    lr_decay_steps: int = Field(0, ge=0)
+    """The last this many of ``steps`` cool the lr down (cosine) to ``lr_final`` x lr; 0: constant.
+    Set on a resume (``--set train.steps=N --set train.lr_decay_steps=M``) to end a run."""
+    lr_final: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_warmup: bool = True

@@ -55,8 +55,17 @@ def describe_data(cfg) -> str:
                    if cfg.fresh else "")
 
 
-def lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+def lr_lambda(warmup: int, steps: int = 0, decay_steps: int = 0, final: float = 0.1):
+    """The lr factor at a step: a linear warm-up, constant, then (with ``decay_steps``) a cosine
+    cool-down to ``final`` over the last ``decay_steps`` of ``steps``."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        start = steps - decay_steps
+        if not decay_steps or step < start:
+            return warm
+        done = min(1.0, (step - start) / decay_steps)
+        return warm * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * done)))
+    return factor
 
 
 def draw_batch(images: torch.Tensor, labels: torch.Tensor, cfg: Config, gen: torch.Generator,
@@ -154,7 +163,8 @@ class Trainer:
         self.ema = (EMAModel(self.model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
                     if self.dist.is_main else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train.warmup_steps))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
+            cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_decay_steps, cfg.train.lr_final))
         self.noise_scheduler = training_scheduler(cfg.diffusion)
         self.gen = torch.Generator(self.device).manual_seed(self.rank_seed(0))
         self.step = 0
