@@ -113,10 +113,7 @@ def main() -> None:
         compare(cfg, args)
         return
 
-    n = max(256, cfg.train.batch_size)
-    g = torch.Generator().manual_seed(0)
-    fake = ImageSet(torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=g),
-                    (torch.rand(n, NUM_CLASSES, generator=g) < 0.1).float(), torch.arange(n), [str(i) for i in range(n)])
+    fake = fake_data(max(256, cfg.train.batch_size))
     trainer = Trainer(cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_fraction": 0.0})}),
                       None, fake, progress=False)
     device = trainer.device

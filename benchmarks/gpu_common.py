@@ -7,6 +7,7 @@ folder travels back as one tar cut into parts of 15 MiB: ``cat run.tar.* | tar x
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -41,6 +42,17 @@ TOY = [
     "sample.batch_size=64",
     "data.val_fraction=0.25",
 ]
+
+
+def script_parser(doc: str, out_name: str) -> argparse.ArgumentParser:
+    """The arguments every one-call GPU script takes: the data, the config and its overrides, the
+    report folder; each script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path(".carry/iclevr.npz"), help="a packed .npz or an i-CLEVR folder")
+    p.add_argument("--config", type=Path, default=Path("configs/gpu.toml"))
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, default=None, help=f"report folder (default: $OUT, else out/{out_name})")
+    return p
 
 
 def default_out() -> Path:

@@ -21,7 +21,6 @@ Writes gpu_headline.md and gpu_headline.json into ``--out`` ($OUT on the device 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import (  # noqa: E402
-    TOY, command_line, default_out, machine, machine_md, md_table, synchronize, write_reports,
+    TOY, command_line, default_out, machine, machine_md, md_table, script_parser, synchronize, write_reports,
 )
 from pack_images import load_images  # noqa: E402
 
@@ -54,10 +53,7 @@ TARGETS = {"training_speedup": 10.0, "mfu": 0.40, "evaluation_speedup": 1000.0, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path(".carry/iclevr.npz"), help="a packed .npz or an i-CLEVR folder")
-    p.add_argument("--config", type=Path, default=Path("configs/gpu.toml"))
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    p = script_parser(__doc__, "gpu_headline")
     p.add_argument("--train-steps", type=int, default=100, help="timed clevrgen steps (after warm-up)")
     p.add_argument("--ref-seconds", type=float, default=30.0, help="how long the reference loop is timed")
     p.add_argument("--ref-images", type=int, default=2, help="images of the timed reference sampling")
@@ -66,7 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--render-batch", type=int, default=16_384)
     p.add_argument("--ddp-steps", type=int, default=300)
     p.add_argument("--matmul", type=int, default=8192, help="size of the bf16 matmul that measures the peak")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: $OUT, else out/gpu_headline)")
     p.add_argument("--toy", action="store_true", help="tiny sizes everywhere: a CPU check")
     args = p.parse_args(argv)
     if args.toy:

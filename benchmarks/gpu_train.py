@@ -20,7 +20,6 @@ seconds (tests/test_gpu_scripts.py); its figures are no GPU measurements.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import statistics
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import (  # noqa: E402
-    TOY, bundle, command_line, default_out, machine, machine_md, md_table, synchronize, write_reports,
+    TOY, bundle, command_line, default_out, machine, machine_md, md_table, script_parser, synchronize, write_reports,
 )
 from pack_images import load_images  # noqa: E402
 
@@ -53,15 +52,11 @@ REFERENCE = [{"sampling": "DDPM 1000 steps", "test": 0.901, "new_test": 0.927},
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path(".carry/iclevr.npz"), help="a packed .npz or an i-CLEVR folder")
-    p.add_argument("--config", type=Path, default=Path("configs/gpu.toml"))
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    p = script_parser(__doc__, "gpu_train")
     p.add_argument("--minutes", type=float, default=6.0, help="training wall-clock budget, compile included")
     p.add_argument("--eval-every", type=float, default=0.75, help="minutes of training between accuracy checks")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--guidance", default="1,2,3", help="comma-separated guidance scales of the final evaluation")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: $OUT, else out/gpu_train)")
     p.add_argument("--toy", action="store_true", help="tiny model, seconds of training, 1 seed: a CPU check")
     args = p.parse_args(argv)
     if args.toy:

@@ -40,7 +40,6 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="an override applied to every config, e.g. model.image_size=32")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_iclevr(args.data, progress=False)
     names = args.config or [n for n in shipped_config_names() if n != "judge"]
     judge = load_judge()

@@ -94,7 +94,7 @@ def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Pa
     judge = load_judge(evaluator, pipeline.device)
     s = pipeline.config.sample
     labels = pipeline.labels(scenes).cpu()
-    passes, first = [], None
+    passes, first = [], None  # first: the first pass's (images, scores), which are written out
     key = pass_key(pipeline, scenes)
     start = time.perf_counter()
     for k, base in enumerate(pass_seeds(s.seed, seeds, len(scenes))):
@@ -107,11 +107,11 @@ def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Pa
         passes.append({"seed": base, "topk_accuracy": scores["topk_accuracy"],
                        "exact_accuracy": scores["exact_accuracy"]})
         if first is None:
-            first, scores0 = images, scores
+            first = images, scores
     if pipeline.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    images, scores = first, scores0
+    images, scores = first
 
     def spread(key: str) -> dict:
         values = [p[key] for p in passes]

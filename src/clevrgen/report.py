@@ -59,7 +59,7 @@ def training_minutes(records: list[dict], batch_size: int) -> list[tuple[int, fl
 
 
 def accuracy_curve(records: list[dict], batch_size: int, splits: list[str]) -> list[dict]:
-    """One row per evaluation: step, training minutes, epochs-free, and each split's accuracies."""
+    """One row per evaluation: its step, the training minutes to it, and each split's accuracies."""
     at = dict(training_minutes(records, batch_size))
     rows = []
     for r in records:

@@ -15,7 +15,9 @@ import hashlib
 import json
 import math
 import re
+import signal
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -24,7 +26,7 @@ from clevrgen.data.raycast import (  # noqa: F401  (the renderer's public names)
     RENDERER_VERSION, CAMERA, COLORS, LAMPS, MAX_OBJECTS, SHAPES, SceneStyle, Scenes, bound_radius, object_height,
     screen_boxes, object_pixels, render_scenes,
 )
-from clevrgen.errors import DataError, PhraseError
+from clevrgen.errors import DataError, Interrupted, PhraseError
 from clevrgen.labels import parse_phrase
 
 
@@ -262,16 +264,12 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     Returns the counts of images rendered and kept.
     """
     from concurrent.futures import ThreadPoolExecutor
-    from pathlib import Path
 
     import numpy as np
     from PIL import Image
 
     from clevrgen.data.iclevr import cache_path, decode_image, fingerprint_of, save_cache
     from clevrgen.labels import CLASS_INDEX
-    import signal
-
-    from clevrgen.errors import Interrupted
     from clevrgen.runtime import SIGNAL_NAMES, append_jsonl, atomic_path, atomic_write_text, deferred_stop
 
     out = Path(out)
