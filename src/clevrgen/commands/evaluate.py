@@ -46,7 +46,10 @@ def evaluate(
     from rich.table import Table
 
     from clevrgen.evaluation import evaluate_split
+    from clevrgen.labels import load_label_sets
 
+    if split is not None:
+        load_label_sets(split)  # a bad split or file fails before the model is loaded
     pipeline = load_pipeline(checkpoint, config, overrides, print_config,
                              steps=steps, sampler=sampler, guidance=guidance, seed=seed)
     split = split or pipeline.config.evaluate.split
