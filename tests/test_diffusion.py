@@ -7,6 +7,7 @@ import torch
 
 from clevrgen.cli import app
 from clevrgen.config import load_config
+from clevrgen.errors import ConfigError
 from clevrgen.data.iclevr import load_iclevr
 from clevrgen.diffusion import sample, sampling_scheduler
 from clevrgen.labels import multi_hot
@@ -109,6 +110,32 @@ def test_resume_continues_from_the_saved_step(tmp_path, dataset):
     a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_takes_the_configs_lr(tmp_path, dataset):
+    """``--set train.lr=...`` on a resume changes the lr from there on (the saved one is not kept)."""
+    data = load_iclevr(dataset, progress=False)
+    train(tiny_config("train.steps=2"), tmp_path / "run", data, progress=False)
+    train(tiny_config("train.steps=3", "train.lr=2e-4"), tmp_path / "run", data, resume=True, progress=False)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-3, 1e-3, 2e-4])
+
+
+def test_init_starts_from_a_trained_model_and_checks_its_architecture(tmp_path, dataset):
+    data = load_iclevr(dataset, progress=False)
+    source = tmp_path / "source"
+    train(tiny_config("train.steps=2"), source, data, progress=False)
+    cfg = tiny_config("train.steps=1", f"train.init='{source}'", "train.lr=1e-12")
+    tuned = train(cfg, tmp_path / "tuned", data, progress=False)
+    assert tuned.step == 1
+    a, _ = load_artifact(source)
+    b, _ = load_artifact(tmp_path / "tuned")
+    # One step at a vanishing lr: the new run holds the source's weights.
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert str(source) in json.loads((tmp_path / "tuned" / "training_data.json").read_text())["init"]
+    with pytest.raises(ConfigError, match="another architecture"):
+        train(tiny_config("train.steps=1", f"train.init='{source}'", "model.layers_per_block=2"),
+              tmp_path / "other", data, progress=False)
 
 
 def test_train_command_and_refusing_to_overwrite(runner, dataset, tmp_path):

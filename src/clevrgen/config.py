@@ -116,6 +116,10 @@ class TrainConfig(Section):
     """The last this many of ``steps`` cool the lr down (cosine) to ``lr_final`` x lr; 0: constant.
     Set on a resume (``--set train.steps=N --set train.lr_decay_steps=M``) to end a run."""
     lr_final: float = Field(0.1, ge=0.0, le=1.0)
+    init: str = ""
+    """Start from the weights of a trained model instead of at random (fine-tuning): a run
+    folder, an exported model, or "shipped". Its architecture must be this config's ``[model]``.
+    The optimizer starts afresh (with ``warmup_steps``); a resumed run keeps its own weights."""
     grad_clip: float = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_warmup: bool = True

@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from clevrgen.config import Config, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
-from clevrgen.errors import CheckpointError, ClevrgenError, Interrupted, UsageError, first_line
-from clevrgen.model import LabelConditionedUNet, build_model, max_objects_of, save_artifact, warn_if_upsampled
+from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
+from clevrgen.model import (
+    LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
+    warn_if_upsampled,
+)
 from clevrgen.runtime import (
     SIGNAL_NAMES, StopVote, WriteError, append_jsonl, atomic_path, atomic_write_bytes, atomic_write_text, autocast,
     autocast_dtype, deferred_stop, init_distributed, resolve_device, run_lock,
@@ -53,6 +56,19 @@ def describe_data(cfg) -> str:
     real = f"the images in {cfg.path}" if cfg.path is not None else "the embedded renderer's scenes"
     return real + (f" + {cfg.fresh:.0%} fresh renders of {cfg.fresh_objects[0]}-{cfg.fresh_objects[1]} objects"
                    if cfg.fresh else "")
+
+
+def init_from(model: LabelConditionedUNet, cfg: Config) -> str:
+    """Load the weights of ``cfg.train.init`` into ``model``; the source, in words, for the record."""
+    source = resolve_checkpoint(cfg.train.init)
+    trained, source_cfg = load_artifact(source)
+    if source_cfg.model != cfg.model:
+        differ = [k for k in type(cfg.model).model_fields if getattr(cfg.model, k) != getattr(source_cfg.model, k)]
+        raise ConfigError([f"train.init: {source} is another architecture "
+                           f"(model.{differ[0]}: {getattr(source_cfg.model, differ[0])!r}, "
+                           f"this config: {getattr(cfg.model, differ[0])!r})"])
+    model.load_state_dict(trained.state_dict())
+    return describe_model(source)
 
 
 def lr_lambda(warmup: int, steps: int = 0, decay_steps: int = 0, final: float = 0.1):
@@ -157,7 +173,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if self.dist.is_main:
             warn_if_upsampled(cfg.model)
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model)
+        if cfg.train.init:
+            self.training_data["init"] = init_from(self.model, cfg)
+        self.model = self.model.to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = (EMAModel(self.model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
@@ -218,6 +237,10 @@ class Trainer:
                 self.ema.to(self.device)
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
+            # The config's lr governs a resumed run too (``--set train.lr=...``), not the saved one.
+            self.lr_schedule.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
+            for group, factor in zip(self.optimizer.param_groups, self.lr_schedule.lr_lambdas):
+                group["lr"] = self.cfg.train.lr * factor(self.lr_schedule.last_epoch)
             self.step = int(state["step"])
             if "window" in state:
                 self.window_loss = state["window"]["loss"].to(self.device)
