@@ -2,7 +2,13 @@
 
     python benchmarks/training_curve.py runs/cpu --png docs/training_curve.png
 
-The run must have been trained with ``train.eval_splits`` (configs/cpu.toml scores test and
+A model trained in stages (a run continued by another with ``train.init``) is one curve: name
+the runs in order, each but the last as RUN:STEP, the step its weights were taken at; the later
+runs' steps and minutes count on from there.
+
+    python benchmarks/training_curve.py runs/cpu:10503 runs/cpu2 --png docs/training_curve.png
+
+The runs must have been trained with ``train.eval_splits`` (configs/cpu.toml scores test and
 new_test every ``eval_every`` steps, sampled from seed 0 with the config's sampler). Minutes are
 training time: each log window's images over its measured images/s; the sampling for the
 evaluations is not counted.
@@ -14,17 +20,37 @@ import argparse
 from pathlib import Path
 
 from clevrgen.config import load_config
-from clevrgen.report import accuracy_curve, plot_accuracy_curve, read_metrics
+from clevrgen.report import accuracy_curve, plot_accuracy_curve, read_metrics, training_minutes
+
+
+def stage(arg: str) -> tuple[Path, int | None]:
+    """RUN or RUN:STEP."""
+    run, _, step = arg.rpartition(":") if ":" in arg else (arg, "", "")
+    return Path(run), int(step) if step else None
+
+
+def chained_curve(stages: list[tuple[Path, int | None]]) -> tuple[list[dict], list[str]]:
+    """The accuracy rows of the runs in order, each cut at its step, steps and minutes summed."""
+    rows, splits, step0, minutes0 = [], [], 0, 0.0
+    for run, last in stages:
+        cfg = load_config(run / "config.toml")
+        splits = splits or cfg.train.eval_splits
+        records = [r for r in read_metrics(run / "metrics.jsonl") if last is None or r["step"] <= last]
+        for r in accuracy_curve(records, cfg.train.batch_size, splits):
+            rows.append({**r, "step": r["step"] + step0, "minutes": r["minutes"] + minutes0})
+        at = training_minutes(records, cfg.train.batch_size)
+        if at:
+            step0, minutes0 = step0 + at[-1][0], minutes0 + at[-1][1]
+    return rows, splits
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path)
+    parser.add_argument("runs", nargs="+", metavar="RUN[:STEP]")
     parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: RUN/accuracy.png)")
     args = parser.parse_args()
-    cfg = load_config(args.run / "config.toml")
-    splits = cfg.train.eval_splits
-    rows = accuracy_curve(read_metrics(args.run / "metrics.jsonl"), cfg.train.batch_size, splits)
+    stages = [stage(a) for a in args.runs]
+    rows, splits = chained_curve(stages)
     header = "| step | minutes | " + " | ".join(f"{s} top-k | {s} exact" for s in splits) + " |"
     print(header)
     print("|" + " --- |" * (2 + 2 * len(splits)))
@@ -32,9 +58,11 @@ def main() -> None:
         cells = " | ".join(f"{r.get(f'{s}_topk', float('nan')):.3f} | {r.get(f'{s}_exact', float('nan')):.3f}"
                            for s in splits)
         print(f"| {r['step']} | {r['minutes']:.0f} | {cells} |")
-    s = cfg.sample
-    plot_accuracy_curve(rows, splits, args.png or args.run / "accuracy.png",
-                        f"{args.run.name}: {s.sampler} {s.steps} steps, guidance {s.guidance}, seed {s.seed}")
+    last = stages[-1][0]
+    s = load_config(last / "config.toml").sample
+    plot_accuracy_curve(rows, splits, args.png or last / "accuracy.png",
+                        f"{' + '.join(p.name for p, _ in stages)}: {s.sampler} {s.steps} steps, "
+                        f"guidance {s.guidance}, seed {s.seed}")
 
 
 if __name__ == "__main__":

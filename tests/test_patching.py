@@ -1,5 +1,7 @@
 """Full-size output at low cost: the pixel-unshuffled UNet, and the Min-SNR loss weighting."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,6 +115,30 @@ def test_accuracy_against_training_minutes_from_the_metrics(tmp_path):
     assert rows == [{"step": 20, "minutes": pytest.approx(1.5), "test_topk": 0.5, "test_exact": 0.25}]
     plot_accuracy_curve(rows, ["test"], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_a_model_trained_in_stages_is_one_curve(tmp_path):
+    """runs/a cut at step 20, continued by runs/b (train.init): b's steps and minutes count on."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from training_curve import chained_curve, stage
+
+    def run(name, records):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.toml").write_text('[train]\nbatch_size = 96\neval_splits = ["test"]\n')
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp_path / name
+
+    scored = {"test_topk_accuracy": 0.5, "test_exact_accuracy": 0.25}
+    a = run("a", [{"step": 10, "loss": 1.0, "images_per_second": 32.0, **scored},
+                  {"step": 20, "loss": 0.9, "images_per_second": 16.0},
+                  {"step": 30, "loss": 5.0, "images_per_second": 16.0, **scored}])  # past the cut: dropped
+    b = run("b", [{"step": 10, "loss": 0.8, "images_per_second": 32.0, **scored}])
+    rows, splits = chained_curve([stage(f"{a}:20"), stage(str(b))])
+    assert splits == ["test"]
+    assert [(r["step"], r["minutes"]) for r in rows] == [(10, pytest.approx(0.5)), (30, pytest.approx(2.0))]
 
 
 def test_the_lr_cools_down_over_the_last_steps():
