@@ -138,6 +138,21 @@ def test_init_starts_from_a_trained_model_and_checks_its_architecture(tmp_path, 
               tmp_path / "other", data, progress=False)
 
 
+def test_snapshots_keep_the_ema_weights_of_past_steps(tmp_path, dataset):
+    data = load_iclevr(dataset, progress=False)
+    train(tiny_config("train.steps=4", "train.snapshot_every=2"), tmp_path / "run", data, progress=False)
+    snaps = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
+    assert snaps == ["step-000002", "step-000004"]
+    early, _ = load_artifact(tmp_path / "run" / "snapshots" / "step-000002")
+    final, _ = load_artifact(tmp_path / "run")
+    last, _ = load_artifact(tmp_path / "run" / "snapshots" / "step-000004")
+    weights = lambda m: torch.cat([v.flatten() for v in m.state_dict().values()])
+    assert torch.allclose(weights(last), weights(final), atol=1e-2)  # the same step, stored as fp16
+    assert not torch.allclose(weights(early), weights(final), atol=1e-4)
+    record = json.loads((tmp_path / "run" / "snapshots" / "step-000002" / "training_data.json").read_text())
+    assert record["steps"] == 2
+
+
 def test_train_command_and_refusing_to_overwrite(runner, dataset, tmp_path):
     args = ["train", "--out", str(tmp_path / "run"), "--set", f"data.path='{dataset}'", "--set", "train.steps=2"]
     args += [x for s in TINY for x in ("--set", s)]

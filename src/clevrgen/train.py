@@ -33,6 +33,7 @@ from clevrgen.runtime import (
 )
 
 STATE_FILE = "state.pt"
+SNAPSHOTS_DIR = "snapshots"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -225,6 +226,11 @@ class Trainer:
         atomic_write_bytes(self.run_dir / STATE_FILE, buffer.getbuffer())
         save_artifact(self.ema_model(), self.cfg, self.run_dir, {**self.training_data, "steps": self.step})
 
+    def save_snapshot(self) -> None:
+        """The EMA weights of this step, fp16, in a model folder of their own that nothing overwrites."""
+        save_artifact(self.ema_model().half(), self.cfg, self.run_dir / SNAPSHOTS_DIR / f"step-{self.step:06d}",
+                      {**self.training_data, "steps": self.step})
+
     def load_checkpoint(self) -> None:
         path = self.run_dir / STATE_FILE
         if not path.is_file():
@@ -409,6 +415,8 @@ class Trainer:
                         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
                     if main and (self.step % t.sample_every == 0 or last):
                         self.sample_grid(self.ema_model())
+                    if main and t.snapshot_every and self.step % t.snapshot_every == 0:
+                        self.save_snapshot()
                     if checkpoint_now:
                         if main:
                             self.save_checkpoint()
