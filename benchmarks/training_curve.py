@@ -46,10 +46,10 @@ def chained_curve(stages: list[tuple[Path, int | None]]) -> tuple[list[dict], li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN[:STEP]")
+    parser.add_argument("stages", nargs="+", type=stage, metavar="RUN[:STEP]")
     parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: RUN/accuracy.png)")
     args = parser.parse_args()
-    stages = [stage(a) for a in args.runs]
+    stages = args.stages
     rows, splits = chained_curve(stages)
     header = "| step | minutes | " + " | ".join(f"{s} top-k | {s} exact" for s in splits) + " |"
     print(header)

@@ -1,6 +1,7 @@
 """The model/scheduler core and the four commands, end to end, with a tiny UNet on the CPU."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -133,6 +134,10 @@ def test_init_starts_from_a_trained_model_and_checks_its_architecture(tmp_path, 
     # One step at a vanishing lr: the new run holds the source's weights.
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert str(source) in json.loads((tmp_path / "tuned" / "training_data.json").read_text())["init"]
+    shutil.rmtree(source)  # a resume needs its own checkpoint only, and keeps the record
+    train(tiny_config("train.steps=2", f"train.init='{source}'"), tmp_path / "tuned", data, resume=True, progress=False)
+    assert str(source) in json.loads((tmp_path / "tuned" / "training_data.json").read_text())["init"]
+    train(tiny_config("train.steps=1"), source, data, progress=False)
     with pytest.raises(ConfigError, match="another architecture"):
         train(tiny_config("train.steps=1", f"train.init='{source}'", "model.layers_per_block=2"),
               tmp_path / "other", data, progress=False)

@@ -119,7 +119,7 @@ class TrainConfig(Section):
     init: str = ""
     """Start from the weights of a trained model instead of at random (fine-tuning): a run
     folder, an exported model, or "shipped". Its architecture must be this config's ``[model]``.
-    The optimizer starts afresh (with ``warmup_steps``); a resumed run keeps its own weights."""
+    The optimizer starts afresh (with ``warmup_steps``); a resume reads only its own checkpoint."""
     grad_clip: float = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_warmup: bool = True

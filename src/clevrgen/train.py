@@ -25,7 +25,7 @@ from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
 from clevrgen.model import (
     LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
-    warn_if_upsampled,
+    training_data_of, warn_if_upsampled,
 )
 from clevrgen.runtime import (
     SIGNAL_NAMES, StopVote, WriteError, append_jsonl, atomic_path, atomic_write_bytes, atomic_write_text, autocast,
@@ -61,8 +61,11 @@ def describe_data(cfg) -> str:
 
 def init_from(model: LabelConditionedUNet, cfg: Config) -> str:
     """Load the weights of ``cfg.train.init`` into ``model``; the source, in words, for the record."""
-    source = resolve_checkpoint(cfg.train.init)
-    trained, source_cfg = load_artifact(source)
+    try:
+        source = resolve_checkpoint(cfg.train.init)
+        trained, source_cfg = load_artifact(source)
+    except CheckpointError as exc:  # say which setting named the model
+        raise CheckpointError(f"train.init: {exc}") from None
     if source_cfg.model != cfg.model:
         differ = [k for k in type(cfg.model).model_fields if getattr(cfg.model, k) != getattr(source_cfg.model, k)]
         raise ConfigError([f"train.init: {source} is another architecture "
@@ -145,7 +148,7 @@ def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batc
 class Trainer:
     """Owns the model, EMA, optimizer and run folder of one training run."""
 
-    def __init__(self, cfg: Config, run_dir: Path, data: ImageSet, progress: bool = True):
+    def __init__(self, cfg: Config, run_dir: Path, data: ImageSet, progress: bool = True, resume: bool = False):
         from diffusers.training_utils import EMAModel
 
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
@@ -175,7 +178,10 @@ class Trainer:
         if self.dist.is_main:
             warn_if_upsampled(cfg.model)
         self.model = build_model(cfg.model)
-        if cfg.train.init:
+        if resume:  # the checkpoint holds the weights: the init source is neither read nor needed
+            if init := training_data_of(run_dir).get("init"):
+                self.training_data["init"] = init
+        elif cfg.train.init:
             self.training_data["init"] = init_from(self.model, cfg)
         self.model = self.model.to(self.device)
         if cfg.train.channels_last:
@@ -458,7 +464,7 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
     if not resume and (run_dir / STATE_FILE).exists():
         raise UsageError(f"{run_dir} already holds a training run: continue it with --resume {run_dir}, "
                          "or choose another --out")
-    trainer = Trainer(cfg, run_dir, data, progress=progress)
+    trainer = Trainer(cfg, run_dir, data, progress=progress, resume=resume)
     try:
         with run_lock(run_dir, enabled=trainer.dist.is_main):  # one writer per run folder
             if resume:
