@@ -49,8 +49,7 @@ def main() -> None:
     parser.add_argument("stages", nargs="+", type=stage, metavar="RUN[:STEP]")
     parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: RUN/accuracy.png)")
     args = parser.parse_args()
-    stages = args.stages
-    rows, splits = chained_curve(stages)
+    rows, splits = chained_curve(args.stages)
     header = "| step | minutes | " + " | ".join(f"{s} top-k | {s} exact" for s in splits) + " |"
     print(header)
     print("|" + " --- |" * (2 + 2 * len(splits)))
@@ -58,10 +57,10 @@ def main() -> None:
         cells = " | ".join(f"{r.get(f'{s}_topk', float('nan')):.3f} | {r.get(f'{s}_exact', float('nan')):.3f}"
                            for s in splits)
         print(f"| {r['step']} | {r['minutes']:.0f} | {cells} |")
-    last = stages[-1][0]
+    last = args.stages[-1][0]
     s = load_config(last / "config.toml").sample
     plot_accuracy_curve(rows, splits, args.png or last / "accuracy.png",
-                        f"{' + '.join(p.name for p, _ in stages)}: {s.sampler} {s.steps} steps, "
+                        f"{' + '.join(p.name for p, _ in args.stages)}: {s.sampler} {s.steps} steps, "
                         f"guidance {s.guidance}, seed {s.seed}")
 
 
