@@ -34,7 +34,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(dataset):
     cfg = tiny_config("train.label_dropout=0", "train.hflip=false")
     trainer = Trainer(cfg, None, load_iclevr(dataset, progress=False), progress=False)
     x0, labels = trainer.images[:4].float() / 127.5 - 1, trainer.labels[:4]
-    from clevrgen.train import diffusion_loss
+    from clevrgen.loss import diffusion_loss
 
     def fixed_loss():
         with torch.no_grad():
@@ -75,7 +75,8 @@ def test_step_callback_sees_noise_then_every_step():
 
 def test_run_folder_and_artifact(trained_run):
     for name in ("config.toml", "metrics.jsonl", "loss.png", "state.pt", "unet/config.json",
-                 "unet/diffusion_pytorch_model.safetensors", "label_proj.safetensors",
+                 "unet/diffusion_pytorch_model.safetensors", "label_encoder/config.json",
+                 "label_encoder/diffusion_pytorch_model.safetensors",
                  "scheduler/scheduler_config.json"):
         assert (trained_run / name).is_file(), name
     assert list((trained_run / "samples").glob("step_*.png"))

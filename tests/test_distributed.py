@@ -32,7 +32,7 @@ def test_two_cpu_ranks_stay_in_sync_and_resume_alone(dataset, tmp_path):
     assert records[-1] == {"step": 4, "world_size": 2, "ranks_in_sync": True}
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     for name in ("config.toml", "state.pt", "loss.png", "unet/diffusion_pytorch_model.safetensors",
-                 "label_proj.safetensors", "scheduler/scheduler_config.json"):
+                 "label_encoder/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
         assert (run / name).is_file(), name
 
     # the same run goes on in a single process

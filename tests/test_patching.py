@@ -9,7 +9,7 @@ from clevrgen.config import load_config
 from clevrgen.diffusion import training_scheduler
 from clevrgen.errors import ConfigError
 from clevrgen.model import build_model, load_artifact, save_artifact
-from clevrgen.train import diffusion_loss, min_snr_weights
+from clevrgen.loss import diffusion_loss, min_snr_weights
 
 from conftest import TINY
 
@@ -51,12 +51,12 @@ def test_the_saved_patched_artifact_is_a_plain_diffusers_unet(tmp_path):
     assert saved_cfg.model.patch_size == 2 and loaded.patch_size == 2
 
     unet = UNet2DModel.from_pretrained(tmp_path / "run" / "unet").eval()
-    proj = load_file(str(tmp_path / "run" / "label_proj.safetensors"))
+    proj = load_file(str(tmp_path / "run" / "label_encoder" / "diffusion_pytorch_model.safetensors"))
     labels = torch.zeros(1, 24)
     labels[0, 5] = 1
     x, t = torch.randn(1, 3, 64, 64), torch.tensor([500])
     with torch.no_grad():
-        plain = pixel_shuffle(unet(pixel_unshuffle(x, 2), t, class_labels=labels @ proj["weight"].T + proj["bias"]).sample, 2)
+        plain = pixel_shuffle(unet(pixel_unshuffle(x, 2), t, class_labels=labels @ proj["proj.weight"].T + proj["proj.bias"]).sample, 2)
         ours = model(x, t, labels)
     torch.testing.assert_close(plain, ours)
 
@@ -91,8 +91,9 @@ def test_min_snr_off_is_the_plain_mse():
     x0, labels = torch.rand(4, 3, 64, 64) * 2 - 1, torch.zeros(4, 24)
     with torch.no_grad():
         plain = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(0), None)
-        off = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(0), None, 0.0)
-        on = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(0), None, 5.0)
+        off = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(0), None, cfg.diffusion)
+        on = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(0), None,
+                            cfg.diffusion.model_copy(update={"min_snr_gamma": 5.0}))
     assert plain == off and on != plain
 
 

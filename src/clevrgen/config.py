@@ -65,6 +65,16 @@ class ModelConfig(Section):
     """The resolution the model draws at. Below 64 the data is downsampled and samples are
     upsampled back to 64x64, which caps accuracy (real held-out images through a 32x32 path score
     0.554 top-k; see benchmarks/resolution_path.py): training and sampling warn. Use patch_size."""
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
+    """How the time and label embedding reach each residual block: "default" adds it to the
+    features; "scale_shift" scales and shifts the group norm with it (AdaGN, as in guided diffusion)."""
+    cross_attention: list[bool] = []
+    """Per level (highest resolution first): attend to one token per object of the scene (a
+    ``UNet2DConditionModel``); empty or all false: the label is pooled only (a ``UNet2DModel``)."""
+    token_dim: int = Field(128, ge=8, le=1024)
+    """Width of an object token (with ``cross_attention``)."""
+    cross_attention_head_dim: int = Field(32, ge=4)
+    """Width of one head of the cross-attention blocks (which get channels / this many heads)."""
     patch_size: Literal[1, 2, 4] = 1
     """Pixel-unshuffle each p x p patch into channels before the UNet and shuffle back after it:
     the UNet works on (image_size / p)^2 positions with 3 p^2 channels, and every pixel of the
@@ -84,6 +94,14 @@ class ModelConfig(Section):
                 f"model.attention has {len(self.attention)} entries but block_out_channels has "
                 f"{len(self.block_out_channels)}: give one flag per level"
             )
+        if self.cross_attention and len(self.cross_attention) != len(self.block_out_channels):
+            raise ValueError(
+                f"model.cross_attention has {len(self.cross_attention)} entries but block_out_channels has "
+                f"{len(self.block_out_channels)}: give one flag per level (or none)"
+            )
+        bad = [c for c, x in zip(self.block_out_channels, self.cross_attention) if x and c % self.cross_attention_head_dim]
+        if bad:
+            raise ValueError(f"block_out_channels {bad} with cross-attention are not multiples of cross_attention_head_dim")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"block_out_channels {bad} are not multiples of norm_num_groups")
@@ -96,9 +114,21 @@ class DiffusionConfig(Section):
     num_train_timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["linear", "cosine"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    min_snr_gamma: float = Field(0.0, ge=0.0)
+    min_snr_gamma: float = Field(0.0, ge=0.0, le=1e4)
     """Min-SNR loss weighting (Hang et al. 2023): each timestep's loss is weighted so that
     low-noise steps, whose SNR is above gamma, count no more than SNR = gamma. 0: off (plain MSE)."""
+    weighting: Literal["min_snr", "edm"] = "min_snr"
+    """The loss weight of a noise level: "min_snr" (with ``min_snr_gamma``; 0 is plain MSE) or
+    "edm", EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the x0 error."""
+    edm_sigma_data: float = Field(0.5, gt=0.0, le=10.0)
+    timesteps: Literal["uniform", "lognormal"] = "uniform"
+    """How training noise levels are drawn: uniform over the timesteps, or EDM's log-normal
+    ln sigma ~ N(lognormal_mean, lognormal_std^2) (mapped to the nearest timestep)."""
+    lognormal_mean: float = Field(-1.2, ge=-10.0, le=10.0)
+    lognormal_std: float = Field(1.2, gt=0.0, le=10.0)
+    immiscible: bool = False
+    """Immiscible diffusion: assign the batch's noise samples to its images by a linear assignment
+    of least total distance before noising (needs scipy)."""
 
 
 Sampler = Literal["ddpm", "ddim", "dpm++"]

@@ -8,64 +8,141 @@ projection as safetensors, the scheduler config, the resolved ``config.toml`` an
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from clevrgen.config import Config, ModelConfig, load_config, to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
-from clevrgen.labels import NUM_CLASSES
+from clevrgen.labels import COLORS, NUM_CLASSES, SHAPES
 from clevrgen.runtime import atomic_path, atomic_write_text
 
 UNET_DIR = "unet"
+LABEL_ENCODER_DIR = "label_encoder"
 LABEL_PROJ_FILE = "label_proj.safetensors"
+"""How runs written before the label encoder kept its one linear layer (still read)."""
 SCHEDULER_DIR = "scheduler"
 CONFIG_FILE = "config.toml"
 DATA_FILE = "training_data.json"
 
 
+class LabelEncoder(ModelMixin, ConfigMixin):
+    """A multi-hot label [B, 24] as the UNet's conditioning: always a pooled embedding (added to
+    the time embedding, or scaling and shifting every block's norm), and with ``token_dim`` one
+    token per object for cross-attention.
+
+    An object's token is the sum of its class', its color's and its shape's embeddings; a learned
+    null token is always present, so the empty label (the unconditional one) attends to it alone.
+    """
+
+    @register_to_config
+    def __init__(self, num_classes: int = NUM_CLASSES, embedding_dim: int = 256, token_dim: int = 0,
+                 num_colors: int = len(COLORS), num_shapes: int = len(SHAPES)):
+        super().__init__()
+        self.proj = nn.Linear(num_classes, embedding_dim)
+        if token_dim:
+            self.class_tokens = nn.Embedding(num_classes, token_dim)
+            self.color_tokens = nn.Embedding(num_colors, token_dim)
+            self.shape_tokens = nn.Embedding(num_shapes, token_dim)
+            self.null_token = nn.Parameter(torch.zeros(token_dim))
+            for table in (self.class_tokens, self.color_tokens, self.shape_tokens):
+                nn.init.normal_(table.weight, std=0.5)
+            class_index = torch.arange(num_classes)
+            self.register_buffer("class_color", class_index % num_colors, persistent=False)
+            self.register_buffer("class_shape", class_index // num_colors, persistent=False)
+
+    def tokens(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 1 + K, token_dim] tokens and their [B, 1 + K] mask (1: an object or the null
+        token, 0: padding), K the most objects in one label of the batch."""
+        count = int(labels.sum(dim=1).max().item()) if len(labels) else 0
+        present, index = labels.topk(max(count, 1), dim=1) if count else (labels[:, :0], labels[:, :0].long())
+        embed = self.class_tokens(index) + self.color_tokens(self.class_color[index]) + self.shape_tokens(self.class_shape[index])
+        null = self.null_token.to(embed.dtype).expand(len(labels), 1, -1)
+        mask = torch.cat([labels.new_ones(len(labels), 1), (present > 0).to(labels.dtype)], dim=1)
+        return torch.cat([null, embed], dim=1), mask
+
+    def forward(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning keyword arguments for ``labels``."""
+        labels = labels.to(self.proj.weight.dtype)
+        conditioning = {"class_labels": self.proj(labels)}
+        if self.config.token_dim:
+            tokens, mask = self.tokens(labels)
+            conditioning.update(encoder_hidden_states=tokens, encoder_attention_mask=mask)
+        return conditioning
+
+
 class LabelConditionedUNet(nn.Module):
-    """``unet(x_t, t, class_labels=label_proj(labels))``; the empty label is the unconditional one.
+    """``unet(x_t, t, **label_encoder(labels))``; the empty label is the unconditional one.
 
     With ``patch_size`` p > 1 the UNet sees each p x p patch of the image as 3 p^2 channels
     (pixel-unshuffle) and its output is shuffled back: full-size images in and out, at the cost
     of a UNet working at 1/p the resolution.
     """
 
-    def __init__(self, unet: nn.Module, label_proj: nn.Linear, patch_size: int = 1):
+    def __init__(self, unet: nn.Module, label_encoder: LabelEncoder, patch_size: int = 1):
         super().__init__()
         self.unet = unet
-        self.label_proj = label_proj
+        self.label_encoder = label_encoder
         self.patch_size = patch_size
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from torch.nn.functional import pixel_shuffle, pixel_unshuffle
 
-        embedding = self.label_proj(labels.to(self.label_proj.weight.dtype))
+        conditioning = self.label_encoder(labels)
         p = self.patch_size
         if p == 1:
-            return self.unet(x, t, class_labels=embedding).sample
-        return pixel_shuffle(self.unet(pixel_unshuffle(x, p), t, class_labels=embedding).sample, p)
+            return self.unet(x, t, **conditioning).sample
+        return pixel_shuffle(self.unet(pixel_unshuffle(x, p), t, **conditioning).sample, p)
+
+
+def is_conditional(cfg: ModelConfig) -> bool:
+    """Whether the architecture attends to per-object tokens (a ``UNet2DConditionModel``)."""
+    return any(cfg.cross_attention)
 
 
 def unet_arguments(cfg: ModelConfig) -> dict:
-    """The ``UNet2DModel`` arguments of an architecture config."""
+    """The ``UNet2DModel`` (or, with cross-attention, ``UNet2DConditionModel``) arguments of an
+    architecture config."""
     channels = 3 * cfg.patch_size**2
-    return dict(
+    common = dict(
         sample_size=cfg.image_size // cfg.patch_size,
         in_channels=channels,
         out_channels=channels,
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)),
-        attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
         dropout=cfg.dropout,
         class_embed_type="identity",
+        resnet_time_scale_shift=cfg.resnet_time_scale_shift,
+    )
+    if not is_conditional(cfg):
+        return dict(
+            common,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)),
+            attention_head_dim=cfg.attention_head_dim,
+        )
+    # A level with cross-attention gets a transformer block (self-attention too where
+    # ``attention`` asks for it); a level with self-attention alone keeps UNet2DModel's block.
+    kinds = ["CrossAttn" if c else "Attn" if a else "" for a, c in zip(cfg.attention, cfg.cross_attention)]
+    # diffusers' historical naming: for a UNet2DConditionModel "attention_head_dim" is the
+    # number of heads of its transformer blocks, and the head width of its plain attention blocks.
+    heads = tuple(c // cfg.cross_attention_head_dim if k == "CrossAttn" else cfg.attention_head_dim
+                  for k, c in zip(kinds, cfg.block_out_channels))
+    return dict(
+        common,
+        down_block_types=tuple(f"{k}DownBlock2D" for k in kinds),
+        up_block_types=tuple(f"{k}UpBlock2D" for k in reversed(kinds)),
+        only_cross_attention=tuple(c and not a for a, c in zip(cfg.attention, cfg.cross_attention)),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        attention_head_dim=heads,
+        cross_attention_dim=cfg.token_dim,
     )
 
 
@@ -79,13 +156,18 @@ def warn_if_upsampled(cfg: ModelConfig) -> None:
              "model.patch_size = 2 keeps full 64x64 output at a similar cost")
 
 
+def unet_class(cfg: ModelConfig):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    return UNet2DConditionModel if is_conditional(cfg) else UNet2DModel
+
+
 def build_model(cfg: ModelConfig) -> LabelConditionedUNet:
     """A freshly initialized denoiser for this architecture config."""
-    from diffusers import UNet2DModel
-
-    unet = UNet2DModel(**unet_arguments(cfg))
-    # The identity class embedding is added to the time embedding: 4x the first block's width.
-    return LabelConditionedUNet(unet, nn.Linear(NUM_CLASSES, 4 * cfg.block_out_channels[0]), cfg.patch_size)
+    unet = unet_class(cfg)(**unet_arguments(cfg))
+    # The identity class embedding goes where the time embedding goes: 4x the first block's width.
+    encoder = LabelEncoder(embedding_dim=4 * cfg.block_out_channels[0], token_dim=cfg.token_dim if is_conditional(cfg) else 0)
+    return LabelConditionedUNet(unet, encoder, cfg.patch_size)
 
 
 def _old_dir(target: Path) -> Path:
@@ -127,17 +209,16 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
                   training_data: dict | None = None) -> None:
     """Save the sampling artifact of ``model`` (pass the EMA weights) into ``run_dir``;
     ``training_data`` (e.g. ``{"max_objects": 3}``) goes to ``training_data.json``."""
-    from safetensors.torch import save_file
-
     from clevrgen.diffusion import training_scheduler
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if training_data is not None:
         atomic_write_text(run_dir / DATA_FILE, json.dumps(training_data) + "\n")
     _replace_dir(lambda tmp: model.unet.save_pretrained(tmp, safe_serialization=True), run_dir / UNET_DIR)
-    proj = {k: v.detach().float().cpu().contiguous() for k, v in model.label_proj.state_dict().items()}
-    with atomic_path(run_dir / LABEL_PROJ_FILE) as tmp:
-        save_file(proj, str(tmp))
+    # The label encoder stays fp32 (it is tiny), so an fp16 export keeps the labels exact.
+    encoder = copy.deepcopy(model.label_encoder).float()
+    _replace_dir(lambda tmp: encoder.save_pretrained(tmp, safe_serialization=True), run_dir / LABEL_ENCODER_DIR)
+    (run_dir / LABEL_PROJ_FILE).unlink(missing_ok=True)  # an older layout's copy, now stale
     _replace_dir(lambda tmp: training_scheduler(config.diffusion).save_pretrained(tmp), run_dir / SCHEDULER_DIR)
     atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
 
@@ -159,21 +240,61 @@ def max_objects_of(labels: torch.Tensor) -> int:
 def artifact_dir(path: Path) -> Path:
     """The run folder of ``path`` (a run folder, or its ``unet`` folder)."""
     path = Path(path)
-    return path.parent if path.name == UNET_DIR and (path.parent / LABEL_PROJ_FILE).exists() else path
+    if path.name == UNET_DIR and any((path.parent / n).exists() for n in (LABEL_ENCODER_DIR, LABEL_PROJ_FILE)):
+        return path.parent
+    return path
+
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def _load_weights(module: nn.Module, file: Path, what: str, rename=lambda key: key) -> None:
+    """Load ``file`` into ``module`` only if it holds exactly the module's tensors and shapes;
+    else one line naming the first tensor that is missing, unexpected or of another shape."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = {rename(k): v for k, v in load_file(str(file)).items()}
+    except Exception as exc:  # truncated or not safetensors at all
+        raise CheckpointError(f"cannot load {what}: {file.name} is truncated or not a safetensors file "
+                              f"({first_line(exc)}); the run folder is damaged or not from clevrgen") from None
+    expected = module.state_dict()
+    problem = next((f"tensor {k} is missing" for k in expected if k not in weights), None)
+    problem = problem or next((f"tensor {k} is not part of this architecture" for k in weights if k not in expected), None)
+    problem = problem or next((f"tensor {k} has shape {list(weights[k].shape)}, the architecture needs "
+                               f"{list(v.shape)}" for k, v in expected.items() if weights[k].shape != v.shape), None)
+    if problem:
+        raise CheckpointError(f"cannot load {what} from {file}: {problem}; the weights do not fit the "
+                              "architecture its config describes (damaged, or files of different runs)")
+    module.load_state_dict(weights)
+
+
+def _read_json(file: Path, what: str) -> dict:
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load {what}: {file} is unreadable or not JSON ({first_line(exc)}); "
+                              "the run folder is damaged or not from clevrgen") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"cannot load {what}: {file} is not a config object; the run folder is damaged")
+    return record
 
 
 def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[LabelConditionedUNet, Config]:
-    """The denoiser and the config it was trained with, from a run folder."""
-    from diffusers import UNet2DModel
-    from safetensors.torch import load_file
+    """The denoiser and the config it was trained with, from a run folder.
 
+    The model is built from ``config.toml`` and the saved weights must fit it exactly: a missing,
+    foreign or reshaped tensor is refused, never left at its random initial value.
+    """
     run_dir = artifact_dir(path)
     if not run_dir.exists():
         raise CheckpointError(f"checkpoint not found: {run_dir}")
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file, not a run folder: pass the folder that `clevrgen train --out` wrote")
     unet_dir = _settled_dir(run_dir / UNET_DIR)
-    missing = [n for n, p in ((UNET_DIR, unet_dir), (LABEL_PROJ_FILE, run_dir / LABEL_PROJ_FILE),
+    encoder_dir = _settled_dir(run_dir / LABEL_ENCODER_DIR)
+    encoder = encoder_dir if encoder_dir.exists() else run_dir / LABEL_PROJ_FILE
+    missing = [n for n, p in ((UNET_DIR, unet_dir), (LABEL_ENCODER_DIR, encoder),
                               (CONFIG_FILE, run_dir / CONFIG_FILE)) if not p.exists()]
     if missing:
         raise CheckpointError(
@@ -185,47 +306,22 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[Label
     except ConfigError as exc:
         raise CheckpointError(f"{run_dir / CONFIG_FILE} is not a valid run config:\n"
                               + "\n".join(f"  {p}" for p in exc.problems)) from None
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True,
-                                           low_cpu_mem_usage=_have_accelerate())
-    except Exception as exc:  # truncated or foreign files
-        raise CheckpointError(f"cannot load the UNet in {unet_dir}: {_unet_problem(unet_dir, exc)}; "
-                              "the run folder is damaged or not from clevrgen") from None
-    _check_architecture(unet_dir, unet.config, config.model)
-    try:
-        proj = load_file(str(run_dir / LABEL_PROJ_FILE))
-        label_proj = nn.Linear(NUM_CLASSES, proj["weight"].shape[0])
-        label_proj.load_state_dict(proj)
-    except Exception as exc:  # truncated files, foreign weights, shape mismatches
-        raise CheckpointError(f"cannot load {run_dir / LABEL_PROJ_FILE}: {first_line(exc)}; "
-                              "the run folder is damaged or not from clevrgen") from None
-    model = LabelConditionedUNet(unet.float(), label_proj, config.model.patch_size)  # fp16 artifacts run in fp32
-    if label_proj.out_features != unet.config.block_out_channels[0] * 4:
-        raise CheckpointError(f"{run_dir}: the label projection does not fit the UNet")
+    if not (unet_dir / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"cannot load the UNet in {unet_dir}: {WEIGHTS_FILE} is missing; "
+                              "the run folder is damaged or not from clevrgen")
+    _check_architecture(unet_dir, _read_json(unet_dir / "config.json", "the UNet"), config.model)
+    model = build_model(config.model)
+    _load_weights(model.unet, unet_dir / WEIGHTS_FILE, f"the UNet in {unet_dir}")
+    if encoder.is_dir():
+        saved = _read_json(encoder / "config.json", "the label encoder")
+        differ = [k for k, v in model.label_encoder.config.items() if not k.startswith("_") and saved.get(k) != v]
+        if differ:
+            raise CheckpointError(f"{run_dir}: the label encoder ({differ[0]} {saved.get(differ[0])!r}) does not fit "
+                                  f"config.toml's model ({model.label_encoder.config[differ[0]]!r}); the folder mixes runs")
+        _load_weights(model.label_encoder, encoder / WEIGHTS_FILE, f"the label encoder in {encoder}")
+    else:  # a run written before the label encoder: its one linear layer
+        _load_weights(model.label_encoder, encoder, f"the label projection {encoder}", rename=lambda k: f"proj.{k}")
     return model.to(device).eval(), config
-
-
-def _have_accelerate() -> bool:
-    """diffusers warns at every load without ``accelerate``; ask for what it would fall back to."""
-    import importlib.util
-
-    return importlib.util.find_spec("accelerate") is not None
-
-
-def _unet_problem(unet_dir: Path, exc: Exception) -> str:
-    """A short reason: safetensors' own message for a truncated file, else the first line."""
-    from safetensors import safe_open
-
-    weights = unet_dir / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        return f"{weights.name} is missing"
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as inner:
-        return f"{weights.name} is truncated or not a safetensors file ({first_line(inner)})"
-    return first_line(exc)
 
 
 def _plain(value):
@@ -235,7 +331,7 @@ def _plain(value):
 
 def _check_architecture(unet_dir: Path, saved: dict, cfg: ModelConfig) -> None:
     """The weights must be the architecture ``config.toml`` describes (sampling relies on it)."""
-    expected = unet_arguments(cfg)
+    expected = dict(unet_arguments(cfg), _class_name=unet_class(cfg).__name__)
     differ = [k for k, v in expected.items() if _plain(saved.get(k)) != _plain(v)]
     if differ:
         k = differ[0]
@@ -281,7 +377,7 @@ def export_artifact(run: Path, out: Path, half: bool = True) -> None:
     ``half``: what ships in the package, about half the size of the fp32 artifact."""
     model, config = load_artifact(run)
     if half:
-        model = model.half()
+        model.unet.half()  # the label encoder is tiny and stays fp32
     training_data = training_data_of(artifact_dir(run)) or None
     save_artifact(model, config, out, training_data)
 
@@ -289,8 +385,8 @@ def export_artifact(run: Path, out: Path, half: bool = True) -> None:
 def latest_run(root: Path = Path("runs")) -> Path:
     """The newest run folder under ``root`` that holds an artifact."""
     runs = sorted(
-        (p for p in root.glob("*") if (p / UNET_DIR).is_dir() and (p / LABEL_PROJ_FILE).is_file()),
-        key=lambda p: (p / LABEL_PROJ_FILE).stat().st_mtime,
+        (p for p in root.glob("*") if (p / UNET_DIR).is_dir() and (p / CONFIG_FILE).is_file()),
+        key=lambda p: (p / CONFIG_FILE).stat().st_mtime,
     )
     if not runs:
         raise CheckpointError(

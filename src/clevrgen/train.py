@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from clevrgen.config import Config, to_toml
+from clevrgen.config import Config, DiffusionConfig, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
+from clevrgen.loss import diffusion_loss
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
 from clevrgen.model import (
     LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
@@ -107,33 +107,9 @@ def draw_batch(images: torch.Tensor, labels: torch.Tensor, cfg: Config, gen: tor
     return x0, labels * keep[:, None]
 
 
-def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights of Min-SNR-gamma: min(SNR, gamma) / SNR for an epsilon target and
-    min(SNR, gamma) / (SNR + 1) for a v target (both equal min(SNR, gamma) on the x0 error)."""
-    alphas = noise_scheduler.alphas_cumprod.to(t.device)[t]
-    snr = alphas / (1 - alphas)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        return (gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, finite at SNR = 0
-    return snr.clamp(max=gamma) / (snr + 1)
-
-
-def diffusion_loss(model, noise_scheduler, x0, labels, gen, amp_dtype, min_snr_gamma: float = 0.0) -> torch.Tensor:
-    b, device = x0.shape[0], x0.device
-    noise = torch.randn(x0.shape, generator=gen, device=device)
-    t = torch.randint(noise_scheduler.config.num_train_timesteps, (b,), generator=gen, device=device)
-    x_t = noise_scheduler.add_noise(x0, noise, t)
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
-    with autocast(device, amp_dtype):
-        pred = model(x_t, t, labels)
-    if not min_snr_gamma:
-        return F.mse_loss(pred.float(), target)
-    per_sample = (pred.float() - target).square().mean(dim=(1, 2, 3))
-    return (per_sample * min_snr_weights(noise_scheduler, t, min_snr_gamma)).mean()
-
-
 @torch.no_grad()
 def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int, size: int,
-                  min_snr_gamma: float = 0.0) -> float:
+                  objective: DiffusionConfig | None = None) -> float:
     """Mean loss over (up to 512 of) the held-out images, with fixed noise: comparable over time."""
     gen = torch.Generator(device).manual_seed(1234)
     images, labels = resize_images(val.images[:512], size).to(device), val.labels[:512].to(device)
@@ -141,7 +117,7 @@ def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batc
     for start in range(0, len(images), batch_size):
         x0 = to_float(images[start:start + batch_size])
         total += diffusion_loss(model, noise_scheduler, x0, labels[start:start + batch_size], gen, amp_dtype,
-                                min_snr_gamma).item() * len(x0)
+                                objective).item() * len(x0)
     return total / max(1, len(images))
 
 
@@ -234,7 +210,9 @@ class Trainer:
 
     def save_snapshot(self) -> None:
         """The EMA weights of this step, fp16, in a model folder of their own that nothing overwrites."""
-        save_artifact(self.ema_model().half(), self.cfg, self.run_dir / SNAPSHOTS_DIR / f"step-{self.step:06d}",
+        model = self.ema_model()
+        model.unet.half()
+        save_artifact(model, self.cfg, self.run_dir / SNAPSHOTS_DIR / f"step-{self.step:06d}",
                       {**self.training_data, "steps": self.step})
 
     def load_checkpoint(self) -> None:
@@ -291,10 +269,15 @@ class Trainer:
         if len(self.val_set):
             record["val_loss"] = held_out_loss(model, self.noise_scheduler, self.val_set, self.device, self.amp_dtype,
                                                self.cfg.train.batch_size, self.cfg.model.image_size,
-                                               self.cfg.diffusion.min_snr_gamma)
+                                               self.held_out_objective())
         if (self.cfg.train.eval_images and len(self.val_set)) or self.cfg.train.eval_splits:
             record.update(self.held_out_accuracy(model))
         return record
+
+    def held_out_objective(self) -> DiffusionConfig:
+        """The held-out loss is always uniform timesteps with Min-SNR weighting (the run's gamma)
+        and no noise assignment, so that runs differing in their objective stay comparable."""
+        return self.cfg.diffusion.model_copy(update={"weighting": "min_snr", "timesteps": "uniform", "immiscible": False})
 
     def held_out_accuracy(self, model) -> dict:
         """Judge accuracy of samples for the held-out scenes' label sets and for ``eval_splits``."""
@@ -332,7 +315,7 @@ class Trainer:
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         loss = diffusion_loss(self.forward, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype,
-                              self.cfg.diffusion.min_snr_gamma)
+                              self.cfg.diffusion)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)

@@ -1,0 +1,165 @@
+"""The denoiser's designs: AdaGN, per-object tokens with cross-attention, and the objective's
+options (log-normal noise levels, EDM weighting, immiscible noise), on tiny CPU models."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from clevrgen.config import load_config
+from clevrgen.diffusion import sample, sampling_scheduler, training_scheduler
+from clevrgen.errors import CheckpointError, ConfigError
+from clevrgen.labels import multi_hot
+from clevrgen.loss import assign_noise, diffusion_loss, draw_timesteps, loss_weights, sigmas_of
+from clevrgen.model import LabelEncoder, build_model, load_artifact, save_artifact
+
+from conftest import TINY
+
+TOKENS = ["model.cross_attention=[false, true, true]", "model.token_dim=16", "model.cross_attention_head_dim=8"]
+
+
+def tiny(*extra):
+    return load_config(None, [*TINY, *extra])
+
+
+def test_tokens_are_one_per_object_plus_an_always_present_null():
+    encoder = LabelEncoder(embedding_dim=32, token_dim=8)
+    labels = multi_hot([["red sphere", "cyan cube", "gray cylinder"], ["blue cube"]])
+    tokens, mask = encoder.tokens(labels)
+    assert tokens.shape == (2, 4, 8)
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    # the same object is the same token wherever it appears, and order does not matter
+    alone, _ = encoder.tokens(multi_hot([["cyan cube"]]))
+    assert any(torch.equal(alone[0, 1], tokens[0, k]) for k in (1, 2, 3))
+    empty, empty_mask = encoder.tokens(torch.zeros(3, 24))
+    assert empty.shape == (3, 1, 8) and empty_mask.tolist() == [[1]] * 3
+
+
+def test_a_token_model_is_a_unet2dconditionmodel_and_its_labels_matter():
+    cfg = tiny(*TOKENS)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    assert type(model.unet).__name__ == "UNet2DConditionModel"
+    with torch.no_grad():
+        for p in model.label_encoder.class_tokens.parameters():
+            p.normal_()
+        x, t = torch.randn(1, 3, 64, 64).repeat(3, 1, 1, 1), torch.tensor([20, 20, 20])
+        labels = torch.cat([multi_hot([["red sphere"], ["red sphere", "cyan cube"]]), torch.zeros(1, 24)])
+        out = model(x, t, labels)
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[0], out[2])
+
+
+@pytest.mark.parametrize("extra", [[], ["model.resnet_time_scale_shift='scale_shift'"], TOKENS])
+def test_every_design_saves_and_loads_to_the_same_samples(tmp_path, extra):
+    cfg = tiny(*extra)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    save_artifact(model, cfg, tmp_path / "run")
+    loaded, saved = load_artifact(tmp_path / "run")
+    assert saved == cfg
+    labels = multi_hot([["red sphere", "cyan cube"]])
+    a = sample(model, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=2, guidance=2.0)
+    b = sample(loaded, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=2, guidance=2.0)
+    assert torch.equal(a, b)
+
+
+def test_the_label_encoder_is_a_diffusers_model(tmp_path):
+    encoder = LabelEncoder(embedding_dim=32, token_dim=8)
+    encoder.save_pretrained(tmp_path / "enc")
+    again = LabelEncoder.from_pretrained(tmp_path / "enc", local_files_only=True)
+    labels = multi_hot([["red sphere", "cyan cube"]])
+    assert all(torch.equal(a, b) for a, b in zip(encoder(labels).values(), again(labels).values()))
+
+
+def test_a_run_of_the_older_layout_still_loads(tmp_path):
+    """Runs written before the label encoder keep the projection in label_proj.safetensors."""
+    from safetensors.torch import save_file
+
+    cfg = tiny()
+    model = build_model(cfg.model).eval()
+    save_artifact(model, cfg, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "label_encoder")
+    save_file({k: v.contiguous() for k, v in model.label_encoder.proj.state_dict().items()},
+              str(tmp_path / "run" / "label_proj.safetensors"))
+    loaded, _ = load_artifact(tmp_path / "run")
+    assert torch.equal(loaded.label_encoder.proj.weight, model.label_encoder.proj.weight)
+
+
+def rewrite_weights(file, change):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(file))
+    change(weights)
+    save_file(weights, str(file))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.pop(next(iter(sorted(w)))), "is missing"),
+    (lambda w: w.update({"extra.weight": torch.zeros(2)}), "tensor extra.weight is not part of this architecture"),
+    (lambda w: w.update({k: torch.zeros(3, 3) for k in [next(iter(sorted(w)))]}), "has shape [3, 3]"),
+])
+def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path, change, message):
+    cfg = tiny()
+    save_artifact(build_model(cfg.model), cfg, tmp_path / "run")
+    rewrite_weights(tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors", change)
+    with pytest.raises(CheckpointError, match="the weights do not fit") as err:
+        load_artifact(tmp_path / "run")
+    assert message in str(err.value)
+
+
+def test_a_token_encoder_beside_a_pooled_model_is_refused(tmp_path):
+    cfg = tiny()
+    save_artifact(build_model(cfg.model), cfg, tmp_path / "run")
+    LabelEncoder(embedding_dim=32, token_dim=16).save_pretrained(tmp_path / "run" / "label_encoder")
+    with pytest.raises(CheckpointError, match="token_dim 16"):
+        load_artifact(tmp_path / "run")
+
+
+def test_cross_attention_needs_one_flag_per_level():
+    with pytest.raises(ConfigError, match="model.cross_attention has 2 entries"):
+        tiny("model.cross_attention=[true, false]")
+
+
+def test_lognormal_timesteps_consume_the_generator_like_uniform_ones():
+    cfg = tiny("diffusion.num_train_timesteps=1000", "diffusion.beta_schedule='cosine'")
+    sched = training_scheduler(cfg.diffusion)
+    lognormal = cfg.diffusion.model_copy(update={"timesteps": "lognormal"})
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    t = draw_timesteps(sched, 20000, g1, lognormal, "cpu")
+    draw_timesteps(sched, 20000, g2, cfg.diffusion, "cpu")
+    assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))  # paired runs stay paired
+    log_sigma = sigmas_of(sched)[t].log()
+    assert abs(log_sigma.median().item() - (-1.2)) < 0.1  # EDM's P_mean
+    assert 0.9 < log_sigma.std().item() < 1.4
+
+
+def test_edm_weights_on_the_v_error_go_from_1_to_1_over_sigma_data_squared():
+    cfg = tiny("diffusion.num_train_timesteps=1000", "diffusion.beta_schedule='cosine'",
+               "diffusion.prediction_type='v_prediction'", "diffusion.weighting='edm'")
+    sched = training_scheduler(cfg.diffusion)
+    w = loss_weights(sched, torch.tensor([0, 500, 999]), cfg.diffusion)
+    assert w[0].item() == pytest.approx(1.0, abs=0.01) and w[2].item() == pytest.approx(4.0, rel=0.01)
+    assert torch.all(w[1:] >= w[:-1])
+
+
+def test_immiscible_assignment_pairs_each_image_with_nearer_noise():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(16, 3, 8, 8, generator=g), torch.randn(16, 3, 8, 8, generator=g)
+    assigned = assign_noise(x0, noise)
+    assert sorted(assigned.flatten(1).sum(1).tolist()) == sorted(noise.flatten(1).sum(1).tolist())  # a permutation
+    assert (x0 - assigned).square().sum() < (x0 - noise).square().sum()
+
+
+def test_every_objective_trains_a_token_model(tmp_path):
+    cfg = tiny(*TOKENS, "diffusion.immiscible=true", "diffusion.timesteps='lognormal'", "diffusion.weighting='edm'")
+    model = build_model(cfg.model)
+    labels = multi_hot([["red sphere"], ["cyan cube", "gray cube"], ["blue cube"], ["red cube"]])
+    labels[2] = 0  # a dropped (unconditional) label
+    x0 = torch.rand(4, 3, 64, 64) * 2 - 1
+    loss = diffusion_loss(model, training_scheduler(cfg.diffusion), x0, labels, torch.Generator().manual_seed(0),
+                          None, cfg.diffusion)
+    loss.backward()
+    assert torch.isfinite(loss) and model.label_encoder.class_tokens.weight.grad.abs().sum() > 0
+    json.dumps(cfg.model.model_dump())  # the new settings are plain data for config.toml
