@@ -24,7 +24,8 @@ import torch
 
 from clevrgen.config import load_config
 from clevrgen.data.iclevr import ImageSet
-from clevrgen.diffusion import sample, sampling_scheduler
+from clevrgen.diffusion import sampling_scheduler
+from clevrgen.pipeline import sample
 from clevrgen.labels import NUM_CLASSES
 from clevrgen.train import Trainer
 

@@ -87,9 +87,9 @@ def judge_floor(judge, judge_path: Path | None, data: Path) -> dict[str, Any]:
 def load_generator(checkpoint: Path | None, steps: int | None, sampler: str | None, guidance: float | None):
     from clevrgen.config import Config
     from clevrgen.model import resolve_checkpoint
-    from clevrgen.pipeline import ScenePipeline
+    from clevrgen.pipeline import LoadedRun
 
-    pipeline = ScenePipeline.from_run(resolve_checkpoint(checkpoint))
+    pipeline = LoadedRun.load(resolve_checkpoint(checkpoint))
     sample = pipeline.config.sample.model_dump()
     sample.update({k: v for k, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance)) if v is not None})
     raw = pipeline.config.model_dump(mode="json")

@@ -42,7 +42,8 @@ from pack_images import load_images  # noqa: E402
 
 from clevrgen.config import load_config  # noqa: E402
 from clevrgen.data.iclevr import ImageSet  # noqa: E402
-from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler  # noqa: E402
+from clevrgen.diffusion import sampling_scheduler, training_scheduler  # noqa: E402
+from clevrgen.pipeline import generate  # noqa: E402
 from clevrgen.judge import judge_probs, load_judge, score_predictions  # noqa: E402
 from clevrgen.labels import load_label_sets, multi_hot  # noqa: E402
 from clevrgen.model import build_model  # noqa: E402

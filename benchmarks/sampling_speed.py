@@ -17,7 +17,7 @@ import time
 import torch
 
 from clevrgen.labels import load_label_sets
-from clevrgen.pipeline import ScenePipeline
+from clevrgen.pipeline import LoadedRun
 from diffusion_speed import machine
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--sampler", default=None)
     args = parser.parse_args()
-    pipeline = ScenePipeline.from_run(args.checkpoint)
+    pipeline = LoadedRun.load(args.checkpoint)
     sample = pipeline.config.sample.model_copy(update={k: v for k, v in vars(args).items()
                                                        if k in ("steps", "guidance", "sampler") and v is not None})
     pipeline.config = pipeline.config.model_copy(update={"sample": sample})

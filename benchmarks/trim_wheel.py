@@ -178,7 +178,8 @@ def workload() -> None:
     from diffusers.training_utils import EMAModel
 
     from clevrgen.config import load_config
-    from clevrgen.diffusion import SCHEDULER_CLASSES, sample, sampling_scheduler
+    from clevrgen.diffusion import SCHEDULER_CLASSES, sampling_scheduler
+    from clevrgen.pipeline import sample
     from clevrgen.model import build_model, load_artifact, save_artifact
 
     cfg = load_config(None, ["model.block_out_channels=[8, 16, 16]", "model.layers_per_block=1",

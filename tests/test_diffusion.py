@@ -10,7 +10,8 @@ from clevrgen.cli import app
 from clevrgen.config import load_config
 from clevrgen.errors import ConfigError
 from clevrgen.data.iclevr import load_iclevr
-from clevrgen.diffusion import sample, sampling_scheduler
+from clevrgen.diffusion import sampling_scheduler
+from clevrgen.pipeline import sample
 from clevrgen.labels import multi_hot
 from clevrgen.model import build_model, load_artifact
 from clevrgen.train import Trainer, train

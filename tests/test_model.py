@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from clevrgen.config import load_config
-from clevrgen.diffusion import sample, sampling_scheduler, training_scheduler
+from clevrgen.diffusion import sampling_scheduler, training_scheduler
+from clevrgen.pipeline import sample
 from clevrgen.errors import CheckpointError, ConfigError
 from clevrgen.labels import multi_hot
 from clevrgen.loss import assign_noise, diffusion_loss, draw_timesteps, loss_weights, sigmas_of

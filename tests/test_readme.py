@@ -9,22 +9,28 @@ def test_ci_runs_the_readme_test_command():
     assert command.strip() in (ROOT / "README.md").read_text()
 
 
-def test_the_readme_diffusers_snippet_draws_with_a_saved_run(tmp_path, monkeypatch):
-    """The README's lines that sample with diffusers alone run, on a tiny patched model."""
+def test_the_readme_python_section_runs(tmp_path, monkeypatch):
+    """The README's Python lines, as written, with a tiny patched model standing in for the shipped one."""
     import torch
 
+    from clevrgen import ClevrgenPipeline
     from clevrgen.config import load_config
     from clevrgen.model import build_model, save_artifact
 
     from conftest import TINY
 
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Sampling with diffusers alone"):]
-    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    section = readme[readme.index("### From Python"):]
+    start = section.index("```python") + len("```python")
+    code = section[start:section.index("```\n", start)]
     cfg = load_config(None, [*TINY, "model.patch_size=2"])
-    save_artifact(build_model(cfg.model).eval(), cfg, tmp_path / "run")
-    monkeypatch.chdir(ROOT)
-    code = code.replace('run = "src/clevrgen/assets/model"', f'run = "{tmp_path / "run"}"')
+    save_artifact(build_model(cfg.model).eval(), cfg, tmp_path / "tiny")
+    real = ClevrgenPipeline.from_pretrained.__func__
+    monkeypatch.setattr(ClevrgenPipeline, "from_pretrained",
+                        classmethod(lambda cls, path=None, **kw: real(cls, path or tmp_path / "tiny", **kw)))
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["image"].shape == (1, 3, 64, 64) and namespace["image"].dtype == torch.uint8
+    assert (tmp_path / "scene.png").is_file() and (tmp_path / "my-pipeline" / "model_index.json").is_file()
+    assert len(namespace["grid"]) == 4 and namespace["grid"][0].size == (64, 64)
+    assert len(namespace["same"]) == 4
+    assert isinstance(namespace["pipe"], ClevrgenPipeline) and namespace["pipe"].unet.dtype == torch.float32

@@ -92,10 +92,10 @@ def test_sample_from_an_empty_folder_uses_the_shipped_model(runner, tmp_path):
 
 def test_a_stopped_evaluation_resumes_from_its_last_whole_pass(trained_run, tmp_path):  # noqa: F811
     from clevrgen.evaluation import evaluate_split
-    from clevrgen.pipeline import ScenePipeline
+    from clevrgen.pipeline import LoadedRun
     from clevrgen.runtime import StopSignal
 
-    pipeline = ScenePipeline.from_run(trained_run)
+    pipeline = LoadedRun.load(trained_run)
     pipeline.config = pipeline.config.model_copy(
         update={"sample": pipeline.config.sample.model_copy(update={"steps": 1})})
     straight = evaluate_split(pipeline, "test", tmp_path / "straight", progress=False, seeds=3)

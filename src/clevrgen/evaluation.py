@@ -12,7 +12,7 @@ import torch
 
 from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
 from clevrgen.model import describe_model
-from clevrgen.pipeline import ScenePipeline
+from clevrgen.pipeline import LoadedRun
 from clevrgen.runtime import atomic_path, atomic_write_bytes, atomic_write_text
 
 
@@ -40,7 +40,7 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int = 8) -> None:
 PASSES_DIR = ".passes"
 
 
-def pass_key(pipeline: ScenePipeline, scenes: list[list[str]]) -> str:
+def pass_key(pipeline: LoadedRun, scenes: list[list[str]]) -> str:
     """What a pass's images depend on: the weights, the sampling settings and the label sets."""
     import hashlib
 
@@ -78,7 +78,7 @@ def pass_seeds(base: int, passes: int, n: int) -> list[int]:
     return [base + k * stride for k in range(passes)]
 
 
-def evaluate_split(pipeline: ScenePipeline, split: str, out: Path, evaluator: Path | None = None,
+def evaluate_split(pipeline: LoadedRun, split: str, out: Path, evaluator: Path | None = None,
                    progress: bool = True, seeds: int = 1) -> dict:
     """Draw each label set of ``split`` once per pass (``seeds`` passes; image i of the first uses
     sample.seed + i), score every pass, write the first pass's images and the results. With

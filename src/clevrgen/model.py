@@ -205,11 +205,32 @@ def _settled_dir(target: Path) -> Path:
     return _old_dir(target) if not target.exists() and _old_dir(target).is_dir() else target
 
 
+MODEL_INDEX = "model_index.json"
+STUB_MODULE = "pipeline_clevrgen"
+"""A one-line module in every artifact, named by ``model_index.json``'s ``_class_name``, through
+which diffusers' own ``DiffusionPipeline.from_pretrained`` finds ``clevrgen.ClevrgenPipeline``."""
+STUB = ('"""Lets diffusers\' DiffusionPipeline.from_pretrained load this folder (clevrgen must be installed)."""\n'
+        "from clevrgen.pipeline import ClevrgenPipeline  # noqa: F401\n")
+
+
+def write_pipeline_index(folder: Path, components: dict[str, object], defaults: dict) -> None:
+    """``model_index.json`` as diffusers writes it, with the class named through the stub module."""
+    import diffusers
+
+    index = {"_class_name": [STUB_MODULE, "ClevrgenPipeline"], "_diffusers_version": diffusers.__version__, **defaults}
+    for name, module in components.items():
+        index[name] = [type(module).__module__.split(".")[0], type(module).__name__]
+    atomic_write_text(folder / MODEL_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(folder / f"{STUB_MODULE}.py", STUB)
+
+
 def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
                   training_data: dict | None = None) -> None:
-    """Save the sampling artifact of ``model`` (pass the EMA weights) into ``run_dir``;
-    ``training_data`` (e.g. ``{"max_objects": 3}``) goes to ``training_data.json``."""
-    from clevrgen.diffusion import training_scheduler
+    """Save the sampling artifact of ``model`` (pass the EMA weights) into ``run_dir``: a
+    ``ClevrgenPipeline`` folder (``model_index.json``, ``unet/``, ``label_encoder/``, and the
+    sampler of ``config.sample`` in ``scheduler/``) plus ``config.toml``; ``training_data``
+    (e.g. ``{"max_objects": 3}``) goes to ``training_data.json``."""
+    from clevrgen.diffusion import sampling_scheduler
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if training_data is not None:
@@ -219,8 +240,13 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
     encoder = copy.deepcopy(model.label_encoder).float()
     _replace_dir(lambda tmp: encoder.save_pretrained(tmp, safe_serialization=True), run_dir / LABEL_ENCODER_DIR)
     (run_dir / LABEL_PROJ_FILE).unlink(missing_ok=True)  # an older layout's copy, now stale
-    _replace_dir(lambda tmp: training_scheduler(config.diffusion).save_pretrained(tmp), run_dir / SCHEDULER_DIR)
+    scheduler = sampling_scheduler(config.diffusion, config.sample.sampler)
+    _replace_dir(lambda tmp: scheduler.save_pretrained(tmp), run_dir / SCHEDULER_DIR)
     atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
+    record = training_data if training_data is not None else training_data_of(run_dir)
+    write_pipeline_index(run_dir, {"unet": model.unet, "label_encoder": encoder, "scheduler": scheduler}, {
+        "num_inference_steps": config.sample.steps, "guidance_scale": config.sample.guidance,
+        "precision": config.train.precision, "max_objects": record.get("max_objects")})
 
 
 def training_data_of(run_dir: Path) -> dict:

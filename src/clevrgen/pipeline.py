@@ -1,83 +1,389 @@
-"""The trained model, ready to draw scenes: one factory for sample, evaluate and denoise-strip."""
+"""``ClevrgenPipeline``: a trained model as a diffusers pipeline, and the one sampling loop.
+
+    from clevrgen import ClevrgenPipeline
+    pipe = ClevrgenPipeline.from_pretrained()          # the shipped model; or a run folder / export
+    images = pipe([["red sphere", "cyan cube"]], generator=torch.Generator().manual_seed(0)).images
+
+Every command draws through it: ``sample`` and ``evaluate`` call it in batches, the denoising
+strip reads its step callback, and training's sample grids and accuracy checks wrap the EMA
+weights in one. A pipeline folder is a clevrgen run folder's artifact: ``model_index.json``, one
+folder per component (``unet``, ``label_encoder``, ``scheduler``), plus ``config.toml`` (how the
+model was trained) and ``training_data.json``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from clevrgen.config import Config
-from clevrgen.diffusion import StepCallback, generate, sample, sampling_scheduler
-from clevrgen.errors import warn
+from clevrgen.diffusion import sampling_scheduler
+from clevrgen.errors import UsageError, warn
 from clevrgen.labels import multi_hot
-from clevrgen.model import LabelConditionedUNet, load_artifact, resolve_checkpoint, training_data_of, warn_if_upsampled
-from clevrgen.runtime import autocast_dtype, resolve_device
+from clevrgen.model import LabelConditionedUNet, LabelEncoder, load_artifact, resolve_checkpoint, training_data_of
+from clevrgen.runtime import autocast, autocast_dtype
+
+Scenes = Sequence[Sequence[str]] | Sequence[str]
+StepEndCallback = Callable[["ClevrgenPipeline", int, torch.Tensor, dict], dict]
 
 
-@dataclass
-class ScenePipeline:
-    """A denoiser, the config it was trained with, and the device it runs on."""
+class ClevrgenPipeline(DiffusionPipeline):
+    """Phrases in, 64x64 scenes out: a label encoder, a UNet and a scheduler.
 
-    model: LabelConditionedUNet
-    config: Config
-    device: torch.device
-    run_dir: Path
-    amp_dtype: torch.dtype | None = field(default=None)
-    max_objects: int | None = field(default=None)
-    """The most objects in one training image (None: not recorded)."""
+    Args:
+        unet: a ``UNet2DModel``, or a ``UNet2DConditionModel`` for a model with per-object tokens.
+        label_encoder: the ``LabelEncoder`` that turns a multi-hot label into the UNet's conditioning.
+        scheduler: the sampler (DPM-Solver++ for the shipped model); swap it as in any pipeline,
+            ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``.
+        num_inference_steps, guidance_scale: the defaults of ``__call__`` (the model's chosen settings).
+        precision: autocast while sampling: "bf16", "fp16", "fp32", or "auto" (bf16 on CUDA).
+        max_objects: the most objects in one training image (a larger scene warns), or None.
+    """
+
+    model_cpu_offload_seq = "label_encoder->unet"
+
+    def __init__(self, unet, label_encoder: LabelEncoder, scheduler, num_inference_steps: int = 25,
+                 guidance_scale: float = 2.0, precision: str = "fp32", max_objects: int | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, label_encoder=label_encoder, scheduler=scheduler)
+        self.register_to_config(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                precision=precision, max_objects=max_objects)
+
+    # --- loading and saving ----------------------------------------------------------------
+    @classmethod
+    def from_denoiser(cls, model: LabelConditionedUNet, scheduler, **config) -> "ClevrgenPipeline":
+        """A pipeline around a denoiser built or loaded by :mod:`clevrgen.model` (no copy)."""
+        return cls(unet=model.unet, label_encoder=model.label_encoder, scheduler=scheduler, **config)
 
     @classmethod
-    def from_run(cls, run: Path | None = None, config: Config | None = None) -> "ScenePipeline":
-        """Load a run folder (default: the shipped model); ``config`` may override the
-        sampling settings of the one saved with it."""
+    def from_run(cls, run: Path | str | None, config: Config | None = None) -> tuple["ClevrgenPipeline", Config]:
+        """The pipeline of a clevrgen run folder, export or pipeline folder (None: the shipped model),
+        with the config it was trained with; ``config`` may change the sampling settings."""
         run_dir = resolve_checkpoint(run)
-        if config is not None:  # a missing GPU is reported before the weights are read
-            resolve_device(config.sample.device)
-        saved_model, saved = load_artifact(run_dir, "cpu")
-        warn_if_upsampled(saved.model)
-        config = config or saved
-        device = resolve_device(config.sample.device)
-        return cls(saved_model.to(device), config.model_copy(update={"model": saved.model, "diffusion": saved.diffusion}),
-                   device, run_dir, autocast_dtype(config.train.precision, device),
-                   training_data_of(run_dir).get("max_objects"))
+        model, saved = load_artifact(run_dir, "cpu")
+        config = (config or saved).model_copy(update={"model": saved.model, "diffusion": saved.diffusion})
+        s = config.sample
+        pipe = cls.from_denoiser(model, sampling_scheduler(saved.diffusion, s.sampler), num_inference_steps=s.steps,
+                                 guidance_scale=s.guidance, precision=config.train.precision,
+                                 max_objects=training_data_of(run_dir).get("max_objects"))
+        pipe.run_dir = run_dir
+        return pipe, config
 
-    def labels(self, scenes: Sequence[Sequence[str]]) -> torch.Tensor:
-        return multi_hot(scenes).to(self.device)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None = None, **kwargs) -> "ClevrgenPipeline":
+        """Load a pipeline: with no argument the shipped model, else a run folder, an export, or a
+        folder written by :meth:`save_pretrained` (all local; nothing is downloaded).
+        ``torch_dtype`` casts the weights as in any diffusers pipeline."""
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        path = pretrained_model_name_or_path
+        if path is None or (Path(path) / "config.toml").is_file() or str(path) in ("shipped", "latest"):
+            pipe, _ = cls.from_run(path)
+            if kwargs:
+                raise TypeError(f"unexpected arguments for a clevrgen folder: {', '.join(kwargs)}")
+        else:  # a folder of save_pretrained without clevrgen's config.toml
+            if kwargs:
+                raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
+            pipe = cls._from_index(Path(path))
+        return pipe.to(torch_dtype) if torch_dtype is not None else pipe
+
+    @classmethod
+    def _from_index(cls, folder: Path) -> "ClevrgenPipeline":
+        """Each component of ``model_index.json`` by its own ``from_pretrained``, locally (the
+        class is known here, so the stub module diffusers' loader goes through is not needed)."""
+        import importlib
+        import json
+
+        from clevrgen.errors import CheckpointError, first_line
+        from clevrgen.model import MODEL_INDEX
+
+        try:
+            index = json.loads((folder / MODEL_INDEX).read_text())
+            components = {}
+            for name in ("unet", "label_encoder", "scheduler"):
+                library, class_name = index[name]
+                if library not in ("diffusers", "clevrgen"):
+                    raise ValueError(f"{name} comes from {library!r}, not diffusers or clevrgen")
+                component = getattr(importlib.import_module(library), class_name)
+                components[name] = component.from_pretrained(folder / name, local_files_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{folder}: not a clevrgen model or pipeline folder (no config.toml or "
+                                  f"{MODEL_INDEX})") from None
+        except Exception as exc:
+            raise CheckpointError(f"cannot load the pipeline in {folder}: {first_line(exc)}") from None
+        defaults = {k: index[k] for k in ("num_inference_steps", "guidance_scale", "precision", "max_objects")
+                    if k in index}
+        return cls(**components, **defaults)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """diffusers' layout (``model_index.json``, one folder per component, safetensors) plus the
+        stub module through which ``DiffusionPipeline.from_pretrained`` finds this class. A
+        pipeline loaded from a clevrgen folder also keeps its ``config.toml`` and
+        ``training_data.json``, so the saved folder is a clevrgen model folder too."""
+        import shutil
+
+        from clevrgen.model import CONFIG_FILE, DATA_FILE, write_pipeline_index
+
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        source = getattr(self, "run_dir", None)
+        for name in (CONFIG_FILE, DATA_FILE):
+            if source is not None and (Path(source) / name).is_file() and Path(source).resolve() != folder.resolve():
+                shutil.copyfile(Path(source) / name, folder / name)
+        write_pipeline_index(folder, {n: getattr(self, n) for n in ("unet", "label_encoder", "scheduler")},
+                             {k: self.config[k] for k in ("num_inference_steps", "guidance_scale", "precision",
+                                                          "max_objects")})
+
+    # --- the model's geometry ----------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        return round(math.sqrt(self.unet.config.in_channels / 3))
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.patch_size
+
+    def denoiser(self) -> LabelConditionedUNet:
+        return LabelConditionedUNet(self.unet, self.label_encoder, self.patch_size)
+
+    def encode_scenes(self, scenes: Scenes) -> torch.Tensor:
+        """Multi-hot labels [N, 24] of phrase lists; a flat list of phrases is one scene. A bad
+        phrase raises clevrgen's PhraseError, with the closest valid phrase."""
+        if isinstance(scenes, str) or (len(scenes) and all(isinstance(s, str) for s in scenes)):
+            scenes = [[scenes] if isinstance(scenes, str) else list(scenes)]
+        self.check_scene_sizes(scenes)
+        return multi_hot(scenes)
 
     def check_scene_sizes(self, scenes: Sequence[Sequence[str]]) -> None:
         """Warn (once) when a scene names more objects than any training image held: allowed,
         but the model has never seen such a scene."""
-        if self.max_objects is None:
+        most_seen = self.config.max_objects
+        if most_seen is None:
             return
         distinct = list(dict.fromkeys(tuple(scene) for scene in scenes))
-        big = [scene for scene in distinct if len(scene) > self.max_objects]
+        big = [scene for scene in distinct if len(scene) > most_seen]
         if not big:
             return
         most = max(len(scene) for scene in big)
         which = "the scene has" if len(distinct) == 1 else f"{len(big)} of {len(distinct)} label sets have up to"
-        warn(f"{which} {most} objects, but the model was trained on images of at most {self.max_objects}: "
+        warn(f"{which} {most} objects, but the model was trained on images of at most {most_seen}: "
              "expect missing or merged objects")
 
-    def scheduler(self):
-        return sampling_scheduler(self.config.diffusion, self.config.sample.sampler)
+    # --- sampling: the one loop ----------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        scenes: Scenes | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        labels: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        batch_size: int = 64,
+    ):
+        """Draw one image per scene.
+
+        Args:
+            scenes: phrase lists such as ``[["red sphere", "cyan cube"], ["gray cube"]]``; a flat
+                list of phrases is one scene. Or pass ``labels``, multi-hot [N, 24].
+            num_inference_steps, guidance_scale: default to the model's chosen settings.
+                Guidance is classifier-free: 1 conditional, 0 unconditional, above 1 away from the
+                empty label.
+            generator: one generator (the images' noise drawn from it in turn, so an image
+                depends on its place in the call) or a list, one per image (an image depends
+                on its own generator alone).
+            seed: clevrgen's convention: image i from ``seed + i`` (or ``seed[i]`` for a list);
+                the same image in any batch, on any device. Give ``seed`` or ``generator``.
+            output_type: "pil" (a list of PIL images), "np" (float [N, 64, 64, 3] in [0, 1]),
+                "pt" (float [N, 3, 64, 64] in [0, 1]), or "latent" (the sampler's output in [-1, 1]).
+            callback_on_step_end: ``f(pipe, step_index, timestep, {"latents": x})`` after every
+                step, returning that dict (a changed ``latents`` replaces the state).
+            latents: the initial noise [N, 3, 64, 64] instead of drawing it.
+            batch_size: images per UNet batch (twice that with guidance).
+        """
+        steps = int(num_inference_steps or self.config.num_inference_steps)
+        guidance = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise UsageError(f"output_type {output_type!r}: choose pil, np, pt or latent")
+        if labels is None:
+            if scenes is None:
+                raise UsageError("give the scenes to draw (phrase lists) or labels")
+            labels = self.encode_scenes(scenes)
+        n, device = len(labels), self._execution_device
+        noise_gens, step_gens = self._generators(n, generator, seed)
+        shape = (n, 3, self.image_size, self.image_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=noise_gens, device=torch.device("cpu"), dtype=torch.float32)
+        out = []
+        with self.progress_bar(total=math.ceil(n / batch_size) * steps) as bar:
+            for start in range(0, n, batch_size):
+                batch = slice(start, start + batch_size)
+                gens = step_gens[batch] if isinstance(step_gens, list) else step_gens
+                out.append(self._denoise(labels[batch].to(device), latents[batch].to(device), steps, guidance, gens,
+                                         callback_on_step_end, start, bar))
+        x = torch.cat(out).clamp(-1.0, 1.0)
+        images = self._postprocess(x, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _generators(self, n: int, generator, seed):
+        """The noise generators and the step-noise generators (stochastic samplers) of a call."""
+        if seed is not None and generator is not None:
+            raise UsageError("give seed or generator, not both")
+        if seed is not None:
+            seeds = [int(s) for s in seed] if isinstance(seed, Sequence) else [int(seed) + i for i in range(n)]
+            if len(seeds) != n:
+                raise UsageError(f"{len(seeds)} seeds for {n} images")
+            # Each image's step noise comes from a second generator of its seed, as clevrgen always did.
+            return ([torch.Generator().manual_seed(s) for s in seeds], [torch.Generator().manual_seed(s) for s in seeds])
+        if isinstance(generator, list) and len(generator) != n:
+            raise UsageError(f"{len(generator)} generators for {n} images: give one, or one per image")
+        return generator, generator
+
+    def _denoise(self, labels, x, steps, guidance, generators, callback, offset, bar) -> torch.Tensor:
+        scheduler, model = self.scheduler, self.denoiser()
+        device = x.device
+        amp = autocast_dtype(self.config.precision, device) if self.unet.dtype == torch.float32 else None
+        scheduler.set_timesteps(steps, device=device)
+        x = x * scheduler.init_noise_sigma
+        empty = torch.zeros_like(labels)
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(x, t)
+            with autocast(device, amp):
+                if guidance == 1.0:
+                    out = model(model_input.to(self.unet.dtype), t, labels)
+                elif guidance == 0.0:
+                    out = model(model_input.to(self.unet.dtype), t, empty)
+                else:
+                    both = torch.cat([model_input] * 2).to(self.unet.dtype)
+                    cond, uncond = model(both, t, torch.cat([labels, empty])).chunk(2)
+                    out = uncond + guidance * (cond - uncond)
+            x = scheduler.step(out.float(), t, x, generator=generators).prev_sample
+            if callback is not None:
+                result = callback(self, i, t, {"latents": x, "batch_start": offset})
+                x = result.get("latents", x) if result else x
+            bar.update()
+        return x
+
+    def _postprocess(self, x: torch.Tensor, output_type: str):
+        from clevrgen.data.iclevr import IMAGE_SIZE, resize_images
+
+        if output_type == "latent":
+            return x
+        if self.image_size != IMAGE_SIZE:  # a model trained below 64x64 is enlarged
+            x = resize_images(x, IMAGE_SIZE)
+        images = (x.float().cpu() + 1) / 2
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).numpy()
+        return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+# --- the functional form, for code that holds a denoiser rather than a pipeline -----------------
+def sample(model: torch.nn.Module, scheduler, labels: torch.Tensor, seeds: Sequence[int], steps: int,
+           guidance: float = 1.0, image_size: int = 64, autocast_dtype: torch.dtype | None = None,
+           callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Images in [-1, 1], [B, 3, H, W], for multi-hot ``labels`` [B, 24], image i from ``seeds[i]``:
+    :class:`ClevrgenPipeline` around ``model``. ``callback(step, steps, x)`` sees the initial
+    noise (step 0) and the image after every step."""
+    pipe = pipeline_of(model, scheduler, autocast_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = randn_tensor((len(seeds), 3, pipe.image_size, pipe.image_size), generator=gens, device=torch.device("cpu"))
+    if callback is not None:
+        callback(0, steps, noise.to(labels.device) * _init_sigma(scheduler, steps))
+    step_end = (lambda p, i, t, kw: (callback(i + 1, steps, kw["latents"]), kw)[1]) if callback else None
+    return pipe(labels=labels, seed=list(seeds), latents=noise, num_inference_steps=steps, guidance_scale=guidance,
+                output_type="latent", callback_on_step_end=step_end, batch_size=max(1, len(seeds))).images
+
+
+def _init_sigma(scheduler, steps: int) -> float:
+    scheduler.set_timesteps(steps)
+    return float(scheduler.init_noise_sigma)
+
+
+def pipeline_of(model: torch.nn.Module, scheduler, amp_dtype: torch.dtype | None = None) -> ClevrgenPipeline:
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    return ClevrgenPipeline.from_denoiser(model, scheduler, precision=precision)
+
+
+def generate(model: torch.nn.Module, scheduler, labels: torch.Tensor, seeds: Sequence[int], steps: int,
+             guidance: float = 1.0, batch_size: int = 64, image_size: int = 64, amp_dtype: torch.dtype | None = None,
+             progress: bool = True, description: str = "sampling") -> torch.Tensor:
+    """uint8 64x64 images on the CPU, in batches, with a rich progress bar."""
+    pipe = pipeline_of(model, scheduler, amp_dtype)
+    return draw_uint8(pipe, labels, seeds, steps, guidance, batch_size, progress, description)
+
+
+def draw_uint8(pipe: ClevrgenPipeline, labels: torch.Tensor, seeds: Sequence[int], steps: int, guidance: float,
+               batch_size: int, progress: bool = True, description: str = "sampling") -> torch.Tensor:
+    """What the commands save: uint8 [N, 3, 64, 64] images, with a rich progress bar."""
+    from clevrgen.data.iclevr import IMAGE_SIZE, resize_images, to_uint8
+    from clevrgen.progress import make_progress
+
+    pipe.set_progress_bar_config(disable=True)
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task(description, total=len(seeds) * steps)
+
+        def advance(p, i, t, kw):
+            bar.advance(task, kw["latents"].shape[0])
+            return kw
+
+        x = pipe(labels=labels, seed=list(seeds), num_inference_steps=steps, guidance_scale=guidance,
+                 output_type="latent", callback_on_step_end=advance, batch_size=batch_size).images
+    return resize_images(to_uint8(x).cpu(), IMAGE_SIZE)
+
+
+@dataclass
+class LoadedRun:
+    """What the commands sample with: a run's pipeline, the config it samples by, and its folder."""
+
+    pipe: ClevrgenPipeline
+    config: Config
+    run_dir: Path
+    device: torch.device = field(default=torch.device("cpu"))
+
+    @classmethod
+    def load(cls, run: Path | None = None, config: Config | None = None) -> "LoadedRun":
+        from clevrgen.model import warn_if_upsampled
+        from clevrgen.runtime import resolve_device
+
+        if config is not None:  # a missing GPU is reported before the weights are read
+            resolve_device(config.sample.device)
+        pipe, config = ClevrgenPipeline.from_run(run, config)
+        warn_if_upsampled(config.model)
+        device = resolve_device(config.sample.device)
+        return cls(pipe.to(device), config, pipe.run_dir, device)
+
+    def labels(self, scenes: Sequence[Sequence[str]]) -> torch.Tensor:
+        return multi_hot(scenes).to(self.device)
 
     def generate(self, scenes: Sequence[Sequence[str]], seeds: Sequence[int], progress: bool = True,
                  description: str = "sampling") -> torch.Tensor:
         """uint8 images [N, 3, 64, 64], image i of ``scenes[i]`` drawn from ``seeds[i]``."""
         s = self.config.sample
-        self.check_scene_sizes(scenes)
-        return generate(self.model, self.scheduler(), self.labels(scenes), list(seeds), s.steps, s.guidance,
-                        s.batch_size, self.config.model.image_size, self.amp_dtype, progress, description)
+        self.pipe.check_scene_sizes(scenes)
+        return draw_uint8(self.pipe, self.labels(scenes), seeds, s.steps, s.guidance, s.batch_size, progress,
+                          description)
 
     def trajectory(self, scenes: Sequence[Sequence[str]], seeds: Sequence[int], frames: int) -> torch.Tensor:
         """uint8 [N, frames, 3, H, W]: each image at evenly spaced steps from noise to the end,
-        taken by the sampler's step callback."""
+        taken by the pipeline's step callback."""
         from clevrgen.data.iclevr import IMAGE_SIZE, resize_images, to_uint8
 
         s = self.config.sample
-        self.check_scene_sizes(scenes)
+        self.pipe.check_scene_sizes(scenes)
         wanted = {round(k * s.steps / (frames - 1)) for k in range(frames)} if frames > 1 else {s.steps}
         taken: list[torch.Tensor] = []
 
@@ -85,7 +391,6 @@ class ScenePipeline:
             if step in wanted:
                 taken.append(resize_images(to_uint8(x.clamp(-1, 1)).cpu(), IMAGE_SIZE))
 
-        callback: StepCallback = keep
-        sample(self.model, self.scheduler(), self.labels(scenes), list(seeds), s.steps, s.guidance,
-               self.config.model.image_size, self.amp_dtype, callback=callback)
+        sample(self.pipe.denoiser(), self.pipe.scheduler, self.labels(scenes), list(seeds), s.steps, s.guidance,
+               autocast_dtype=autocast_dtype(self.pipe.config.precision, self.device), callback=keep)
         return torch.stack(taken, dim=1)

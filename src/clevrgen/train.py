@@ -20,7 +20,8 @@ import torch
 
 from clevrgen.config import Config, DiffusionConfig, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
-from clevrgen.diffusion import generate, sampling_scheduler, training_scheduler
+from clevrgen.diffusion import sampling_scheduler, training_scheduler
+from clevrgen.pipeline import generate
 from clevrgen.loss import diffusion_loss
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
 from clevrgen.model import (

@@ -71,7 +71,7 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
     from clevrgen.config import find_config, read_toml
     from clevrgen.errors import ConfigError
     from clevrgen.model import describe_model, resolve_checkpoint
-    from clevrgen.pipeline import ScenePipeline
+    from clevrgen.pipeline import LoadedRun
 
     run = resolve_checkpoint(checkpoint)
     raw = load_config_of_run(run).model_dump(mode="json", exclude_none=True)
@@ -81,7 +81,7 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
             raise ConfigError([f"{section}: comes from the checkpoint; only [sample] and [evaluate] tables may be set here"])
         raw[section].update(values)
     raw["sample"].update({k: v for k, v in sample_options.items() if v is not None})
-    pipeline = ScenePipeline.from_run(run, finish_config(raw, overrides, str(config or run), print_config))
+    pipeline = LoadedRun.load(run, finish_config(raw, overrides, str(config or run), print_config))
     from rich.console import Console
 
     Console(stderr=True).print(f"model: {describe_model(run)}", highlight=False, soft_wrap=True)

@@ -1,0 +1,166 @@
+"""ClevrgenPipeline: diffusers' conventions, and the same images as the loop it replaced."""
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from clevrgen import ClevrgenPipeline
+from clevrgen.config import load_config
+from clevrgen.diffusion import sampling_scheduler
+from clevrgen.errors import PhraseError
+from clevrgen.labels import multi_hot
+from clevrgen.model import build_model, save_artifact
+from clevrgen.pipeline import sample
+from clevrgen.runtime import autocast
+
+from conftest import TINY
+
+SCENES = [["red sphere", "cyan cube"], ["gray cube"], ["blue cylinder", "green sphere", "brown cube"]]
+
+
+@torch.no_grad()
+def reference_sample(model, scheduler, labels, seeds: Sequence[int], steps, guidance, amp=None):
+    """The sampling loop as clevrgen had it before the pipeline (kept here as the reference)."""
+    device = labels.device
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    scheduler.set_timesteps(steps, device=device)
+    x = x * scheduler.init_noise_sigma
+    empty = torch.zeros_like(labels)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        with autocast(device, amp):
+            if guidance == 1.0:
+                out = model(model_input, t, labels)
+            elif guidance == 0.0:
+                out = model(model_input, t, empty)
+            else:
+                cond, uncond = model(torch.cat([model_input] * 2), t, torch.cat([labels, empty])).chunk(2)
+                out = uncond + guidance * (cond - uncond)
+        x = scheduler.step(out.float(), t, x, generator=generators).prev_sample
+    return x.clamp(-1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = load_config(None, [*TINY, "model.patch_size=2"])
+    torch.manual_seed(0)
+    return build_model(cfg.model).eval(), cfg
+
+
+@pytest.fixture
+def pipe(tiny_model):
+    model, cfg = tiny_model
+    p = ClevrgenPipeline.from_denoiser(model, sampling_scheduler(cfg.diffusion, "dpm++"), num_inference_steps=3,
+                                       guidance_scale=2.0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.mark.parametrize("sampler, guidance", [("dpm++", 2.0), ("ddim", 1.0), ("ddpm", 0.0), ("ddpm", 3.5)])
+def test_the_pipeline_draws_bit_for_bit_what_the_old_loop_drew(tiny_model, sampler, guidance):
+    model, cfg = tiny_model
+    labels = multi_hot(SCENES)
+    old = reference_sample(model, sampling_scheduler(cfg.diffusion, sampler), labels, [5, 6, 7], 3, guidance)
+    pipe = ClevrgenPipeline.from_denoiser(model, sampling_scheduler(cfg.diffusion, sampler))
+    pipe.set_progress_bar_config(disable=True)
+    new = pipe(SCENES, num_inference_steps=3, guidance_scale=guidance, seed=5, output_type="latent").images
+    assert torch.equal(old, new)
+    assert torch.equal(new, sample(model, sampling_scheduler(cfg.diffusion, sampler), labels, [5, 6, 7], 3, guidance))
+    # in batches of another size: the same images up to the float rounding of another batch shape
+    torch.testing.assert_close(new, pipe(labels=labels, seed=[5, 6, 7], num_inference_steps=3, guidance_scale=guidance,
+                                         output_type="latent", batch_size=2).images, atol=1e-4, rtol=0)
+
+
+def test_seed_is_one_generator_per_image(pipe):
+    by_seed = pipe(SCENES, seed=10, output_type="pt").images
+    by_list = pipe(SCENES, generator=[torch.Generator().manual_seed(10 + i) for i in range(3)], output_type="pt").images
+    assert torch.equal(by_seed, by_list)
+    alone = pipe(SCENES[1:2], seed=11, output_type="pt").images
+    torch.testing.assert_close(alone[0], by_seed[1], atol=1e-4, rtol=0)  # nor on the other images of the call
+
+
+def test_one_generator_draws_the_images_one_after_the_other(pipe):
+    a = pipe([SCENES[0]] * 2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    b = pipe([SCENES[0]] * 2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
+    with pytest.raises(Exception, match="2 generators for 3 images"):
+        pipe(SCENES, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_output_types(pipe):
+    pil = pipe(SCENES[0], seed=0).images
+    assert len(pil) == 1 and pil[0].size == (64, 64) and pil[0].mode == "RGB"  # a flat list is one scene
+    arr = pipe(SCENES, seed=0, output_type="np").images
+    pt = pipe(SCENES, seed=0, output_type="pt").images
+    assert arr.shape == (3, 64, 64, 3) and pt.shape == (3, 3, 64, 64)
+    assert 0 <= pt.min() and pt.max() <= 1 and np.allclose(arr, pt.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(np.asarray(pil[0]), (arr[0] * 255).round().astype(np.uint8))
+    images, = pipe(SCENES[0], seed=0, return_dict=False)
+    assert len(images) == 1
+    with pytest.raises(Exception, match="output_type 'jpeg'"):
+        pipe(SCENES[0], output_type="jpeg")
+
+
+def test_a_bad_phrase_raises_clevrgens_error_with_a_suggestion(pipe):
+    with pytest.raises(PhraseError, match="red sphere"):
+        pipe(["red spere"])
+
+
+def test_the_step_callback_sees_every_step_and_may_change_the_state(pipe):
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append(i)
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == 2 else kwargs
+
+    out = pipe(SCENES[0], seed=0, num_inference_steps=3, output_type="latent", callback_on_step_end=record).images
+    assert seen == [0, 1, 2] and torch.equal(out, torch.zeros_like(out))
+
+
+def test_save_and_load_give_the_same_images_and_diffusers_finds_the_class(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    before = pipe(SCENES, seed=3, output_type="pt").images
+    pipe.save_pretrained(tmp_path / "p")
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors",
+                 "label_encoder/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        assert (tmp_path / "p" / name).is_file(), name
+    again = ClevrgenPipeline.from_pretrained(tmp_path / "p")
+    by_diffusers = DiffusionPipeline.from_pretrained(tmp_path / "p", trust_remote_code=True)
+    assert type(by_diffusers) is ClevrgenPipeline and by_diffusers.config.num_inference_steps == 3
+    for loaded in (again, by_diffusers):
+        loaded.set_progress_bar_config(disable=True)
+        assert torch.equal(before, loaded(SCENES, seed=3, output_type="pt").images)
+
+
+def test_a_run_folder_is_a_pipeline_folder(tiny_model, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    model, cfg = tiny_model
+    save_artifact(model, cfg, tmp_path / "run")
+    a = ClevrgenPipeline.from_pretrained(tmp_path / "run")
+    b = DiffusionPipeline.from_pretrained(tmp_path / "run", trust_remote_code=True)
+    for p in (a, b):
+        p.set_progress_bar_config(disable=True)
+    assert torch.equal(a(SCENES[0], seed=1, output_type="pt").images, b(SCENES[0], seed=1, output_type="pt").images)
+    assert a.config.num_inference_steps == cfg.sample.steps
+
+
+def test_torch_dtype_and_to(tiny_model, tmp_path):
+    model, cfg = tiny_model
+    save_artifact(model, cfg, tmp_path / "run")
+    half = ClevrgenPipeline.from_pretrained(tmp_path / "run", torch_dtype=torch.bfloat16).to("cpu")
+    half.set_progress_bar_config(disable=True)
+    assert half.unet.dtype == torch.bfloat16
+    assert half(SCENES[0], seed=0, output_type="pt").images.isfinite().all()
+
+
+def test_the_shipped_model_loads_with_no_argument():
+    pipe = ClevrgenPipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.num_inference_steps == 25 and pipe.config.max_objects == 3
+    images = pipe(["red sphere", "cyan cube"], num_inference_steps=2, seed=0).images
+    assert images[0].size == (64, 64)
