@@ -173,6 +173,9 @@ class TrainConfig(Section):
     shipped judge every ``eval_every`` steps (seed ``sample.seed``): accuracy against training time."""
     sample_every: int = Field(5000, ge=1)
     checkpoint_every: int = Field(2000, ge=1)
+    tensorboard: bool = False
+    """Also write the logged numbers and the sample grids to ``RUN/tensorboard/`` (needs
+    ``pip install 'clevrgen[tensorboard]'``); ``metrics.jsonl`` stays the record."""
     snapshot_every: int = Field(0, ge=0)
     """Also keep the EMA weights of every this many steps, as fp16, in ``RUN/snapshots/step-N``
     (each a model folder for ``--checkpoint``): the checkpoint of a run is overwritten, these

@@ -36,6 +36,10 @@ from clevrgen.runtime import (
 STATE_FILE = "state.pt"
 SNAPSHOTS_DIR = "snapshots"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_second": "train/images_per_second",
+                    "val_loss": "eval/held_out_loss"}
+"""metrics.jsonl keys as TensorBoard tags; the rest (judge accuracies) go under eval/."""
 
 
 class TrainingInterrupted(Interrupted):
@@ -120,6 +124,48 @@ def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batc
         total += diffusion_loss(model, noise_scheduler, x0, labels[start:start + batch_size], gen, amp_dtype,
                                 objective).item() * len(x0)
     return total / max(1, len(images))
+
+
+class RunLog:
+    """Where a run's numbers go: ``metrics.jsonl`` (the record, one JSON object per line) and,
+    with ``train.tensorboard``, the same scalars and the sample grids in ``RUN/tensorboard/``."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, step: int = 0):
+        self.path = run_dir / METRICS_FILE
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run forgets the events written after its checkpoint, as metrics.jsonl does.
+            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
+
+    def write(self, record: dict) -> None:
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(TENSORBOARD_TAGS.get(key, f"eval/{key}"), value, record["step"])
+            self.writer.flush()
+
+    def grid(self, images: torch.Tensor, step: int) -> None:
+        """uint8 images [N, 3, H, W] as one image of the run's samples."""
+        if self.writer is not None:
+            from torchvision.utils import make_grid
+
+            self.writer.add_image("samples/new_test", make_grid(images, nrow=8), step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def require_tensorboard() -> None:
+    """``train.tensorboard`` needs the tensorboard package: say so before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("train.tensorboard needs the tensorboard package: pip install 'clevrgen[tensorboard]'")
 
 
 class Trainer:
@@ -250,7 +296,7 @@ class Trainer:
         return model.eval()
 
     # --- periodic work -----------------------------------------------------------------------
-    def sample_grid(self, model: LabelConditionedUNet) -> None:
+    def sample_grid(self, model: LabelConditionedUNet, log: "RunLog | None" = None) -> None:
         from torchvision.utils import save_image
 
         from clevrgen.labels import multi_hot, shipped_split
@@ -263,6 +309,8 @@ class Trainer:
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         with atomic_path(path) as tmp:
             save_image(images.float() / 255, tmp, nrow=8, format="png")
+        if log is not None:
+            log.grid(images, self.step)
 
     def evaluate(self) -> dict:
         model = self.ema_model()
@@ -367,6 +415,7 @@ class Trainer:
                 console.print(f"DDP on {self.dist.world_size} ranks ({self.device.type}): batch {t.batch_size} per rank, "
                               f"effective batch {t.batch_size * self.dist.world_size}, lr {t.lr:g}")
         metrics = self.run_dir / METRICS_FILE
+        log = RunLog(self.run_dir, t.tensorboard, self.step) if main else None
         loss = ips = float("nan")
         val_loss = None
         window_start, window_images = time.perf_counter(), 0
@@ -400,11 +449,11 @@ class Trainer:
                             if evaluate_now:
                                 record.update(self.evaluate())
                                 val_loss = record.get("val_loss", val_loss)
-                            append_jsonl(metrics, record)
+                            log.write(record)
                         window_start, window_images = time.perf_counter(), 0
                         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
                     if main and (self.step % t.sample_every == 0 or last):
-                        self.sample_grid(self.ema_model())
+                        self.sample_grid(self.ema_model(), log)
                     if main and t.snapshot_every and self.step % t.snapshot_every == 0:
                         self.save_snapshot()
                     if checkpoint_now:
@@ -432,6 +481,9 @@ class Trainer:
             raise TrainingInterrupted(
                 f"interrupted at step {self.step}; checkpoint saved. Resume with: clevrgen train --resume {self.run_dir}"
             ) from None
+        finally:
+            if log is not None:
+                log.close()
         if self.dist.enabled:
             in_sync = self.ranks_in_sync()
             if main:

@@ -31,6 +31,8 @@ def train(
     print_config: PrintConfigOption = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. (default: runs/<config>-<time>)")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to RUN/tensorboard/ (the same as "
+                                              "--set train.tensorboard=true; needs clevrgen[tensorboard]).")] = False,
 ) -> None:
     from rich.console import Console
 
@@ -38,6 +40,8 @@ def train(
     from clevrgen.errors import UsageError
     from clevrgen.train import train as run_training
 
+    if tensorboard:
+        overrides = [*(overrides or []), "train.tensorboard=true"]
     if resume is not None:
         if (out is not None and out != resume) or config is not None:
             raise UsageError("--resume RUN continues with RUN's own config: give no --config or --out with it")
@@ -51,6 +55,10 @@ def train(
 
     check_writable(run_dir, folder=True)  # an unwritable --out or a missing GPU fails before any work
     resolve_device(cfg.train.device)
+    if cfg.train.tensorboard:
+        from clevrgen.train import require_tensorboard
+
+        require_tensorboard()
     with run_lock(run_dir, enabled=is_rank_zero()):  # a second writer of run_dir fails here, at once
         data = load_dataset(cfg.data)
         result = run_training(cfg, run_dir, data, resume=resume is not None)
