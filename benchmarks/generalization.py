@@ -36,7 +36,8 @@ from clevrgen.analysis import RULES, failure_breakdown
 from clevrgen.errors import ClevrgenError
 from clevrgen.judge import exact_accuracy, judge_probs, load_judge, read_metadata, topk_accuracy
 from clevrgen.labels import SPLITS, asset_path, load_label_sets, multi_hot
-from clevrgen.runtime import atomic_write_text, resolve_device
+from clevrgen.runtime import resolve_device
+from clevrgen.output import atomic_write_text
 
 PARTS = ("renders", "floor", "generator")
 TARGET = 0.98

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from clevrgen.runtime import atomic_write_text
+from clevrgen.output import atomic_write_text
 
 PART_BYTES = 15 * 2**20
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from clevrgen.data.iclevr import ImageSet, labels_tensor, load_iclevr, read_spec, scene_ids, split_scenes
-from clevrgen.runtime import atomic_path
+from clevrgen.output import atomic_path
 
 FORMAT = "clevrgen-image-pack-1"
 

@@ -350,7 +350,7 @@ def test_unwritable_run_and_eval_folders(runner, run, dataset, tmp_path):
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path):
-    from clevrgen.runtime import atomic_path, atomic_write_text
+    from clevrgen.output import atomic_path, atomic_write_text
 
     target = tmp_path / "out.txt"
     target.write_text("old")
@@ -496,7 +496,7 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes_exactly(datas
     import os
 
     from clevrgen.model import load_artifact
-    from clevrgen.runtime import WriteError
+    from clevrgen.output import WriteError
 
     data = load_iclevr(dataset, progress=False)
     cfg = load_config(None, [*TINY, "train.steps=6", "train.checkpoint_every=2"])
@@ -526,7 +526,7 @@ def test_a_full_disk_while_writing_the_unet_folder(run, tmp_path, monkeypatch):
     import safetensors.torch
 
     from clevrgen.model import load_artifact, save_artifact
-    from clevrgen.runtime import WriteError
+    from clevrgen.output import WriteError
 
     copy = copy_run(run, tmp_path)
     model, cfg = load_artifact(copy)
@@ -547,7 +547,7 @@ def test_a_failed_append_leaves_no_half_record(tmp_path, monkeypatch):
     import errno
     import os
 
-    from clevrgen.runtime import WriteError, append_jsonl
+    from clevrgen.output import WriteError, append_jsonl
 
     path = tmp_path / "metrics.jsonl"
     append_jsonl(path, {"step": 1})

@@ -15,7 +15,8 @@ from typer.core import TyperGroup
 from clevrgen import __version__
 from clevrgen.commands import data, denoise_strip, evaluate, evaluator, export, sample, train
 from clevrgen.errors import ClevrgenError, ClevrgenWarning
-from clevrgen.runtime import DISK_ERRNOS, StopSignal, sigterm_raises
+from clevrgen.runtime import StopSignal, sigterm_raises
+from clevrgen.output import DISK_ERRNOS
 
 err_console = Console(stderr=True)
 

@@ -13,7 +13,7 @@ import torch
 from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
 from clevrgen.model import describe_model
 from clevrgen.pipeline import LoadedRun
-from clevrgen.runtime import atomic_path, atomic_write_bytes, atomic_write_text
+from clevrgen.output import atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def write_image_folder(out: Path, images: torch.Tensor, scenes: list[list[str]]) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from clevrgen.config import Config, ModelConfig, load_config, to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.labels import COLORS, NUM_CLASSES, SHAPES
-from clevrgen.runtime import atomic_path, atomic_write_text
+from clevrgen.output import atomic_write_text
 
 UNET_DIR = "unet"
 LABEL_ENCODER_DIR = "label_encoder"
@@ -180,7 +180,7 @@ def _replace_dir(write, target: Path) -> None:
     A kill between the two renames leaves no ``target`` but a complete ``.target.old``, which
     :func:`_settled_dir` reads; a kill at any other moment leaves ``target`` complete.
     """
-    from clevrgen.runtime import os_error_of, write_error
+    from clevrgen.output import os_error_of, write_error
 
     tmp = target.with_name(f".{target.name}.tmp")
     old = _old_dir(target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clevrgen.runtime import atomic_path
+from clevrgen.output import atomic_path
 
 
 def read_metrics(path: Path) -> list[dict]:

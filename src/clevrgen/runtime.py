@@ -1,23 +1,19 @@
-"""Device, precision, seeds, atomic file writes, the run folder's lock and clean stops on signals:
-the same code path on the CPU and CUDA."""
+"""Device, precision, seeds, clean stops on signals and torchrun's set-up: the same code path on
+the CPU and CUDA. Writing files (atomic writes, the run lock, what an output may overwrite) is
+``clevrgen.output``."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import json
 import os
-import re
-import shutil
 import signal
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from clevrgen.errors import ClevrgenError, UsageError
+from clevrgen.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -60,157 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once, at import: os.umask is process-wide, and writers run in threads
-
-
-# A write the storage refused for want of room (disk full, quota) or of a writable file system.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-
-
-class WriteError(ClevrgenError):
-    """A file or folder that could not be written; ``path``, ``errno``, ``needed`` bytes (if known)."""
-
-    def __init__(self, message: str, path: Path, err: int | None = None, needed: int | None = None):
-        super().__init__(message)
-        self.path, self.errno, self.needed = path, err, needed
-
-    @property
-    def disk_full(self) -> bool:
-        return self.errno in DISK_ERRNOS
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
-
-
-def _free_bytes(path: Path) -> int | None:
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        return shutil.disk_usage(existing).free
-    except OSError:
-        return None
-
-
-def os_error_of(exc: BaseException, path: Path) -> OSError | None:
-    """The OSError behind a failed write, if it was one: an OSError with an errno, a library's
-    wrapped one (safetensors' Rust writer says ``... (os error 28)``), or any failure on a
-    file system left without free space (torch.save's ``unexpected pos`` RuntimeError).
-    Call it before removing the temporary, which holds the space that ran out."""
-    if isinstance(exc, OSError) and exc.errno:
-        return exc
-    if not isinstance(exc, Exception):  # KeyboardInterrupt, a stop signal: not the disk
-        return None
-    if match := re.search(r"os error (\d+)", str(exc)):
-        number = int(match.group(1))
-        return OSError(number, os.strerror(number))
-    free = _free_bytes(path.parent)
-    if free is not None and free < 1 << 20:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return None
-
-
-def write_error(err: OSError, path: Path, needed: int | None = None) -> WriteError:
-    """``cannot write PATH (SIZE): REASON (FREE free)``, one line; call it after the temporary
-    is removed, so the free space is what the next try would have."""
-    size = f" ({_megabytes(needed)})" if needed else ""
-    reason = err.strerror or str(err)
-    if err.errno in (errno.ENOSPC, errno.EDQUOT) and (free := _free_bytes(path.parent)) is not None:
-        reason += f" ({_megabytes(free)} free)"
-    return WriteError(f"cannot write {path}{size}: {reason}", path, err.errno, needed)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path | str, needed: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
-
-    A crash or kill at any moment leaves either the old file or the new one, never half of one.
-    Commands call :func:`check_writable` once, before any work; here a failed write still ends
-    in one clear message (:class:`WriteError`: a full disk, a quota, a read-only file system),
-    the temporary is removed and the old file kept. ``needed``: the bytes to be written, if
-    known, for the message.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise write_error(exc, path, needed) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide a shared run from its group
-        os.replace(tmp_path, path)
-    except BaseException as exc:
-        err = os_error_of(exc, path)
-        tmp_path.unlink(missing_ok=True)
-        if err is not None:  # disk full, a folder in the way...
-            raise write_error(err, path, needed) from None
-        raise
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files that writers killed mid-write left in ``folder`` (and its
-    ``samples/``). Only for a folder no other process is writing, e.g. a run being resumed."""
-    removed = []
-    for sub in (folder, folder / "samples"):
-        for tmp in sub.glob(".*.tmp") if sub.is_dir() else ():
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    return removed
-
-
-def check_writable(path: Path | str, folder: bool = False) -> None:
-    """Fail early, before any work, when ``path`` (a file, or with ``folder`` a folder) cannot be
-    written: a folder where a file should go, a file where a folder should go, no permission."""
-    path = Path(path)
-    if path.is_dir() and not folder:
-        raise ClevrgenError(f"cannot write {path}: it is a folder, not a file; give a file name")
-    if path.exists() and not path.is_dir() and folder:
-        raise ClevrgenError(f"cannot write into {path}: it is a file, not a folder")
-    parent = path if folder else path.parent
-    existing = parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ClevrgenError(f"cannot write {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK) or _is_virtual(existing):
-        raise ClevrgenError(f"cannot write {path}: {existing} is not writable")
-
-
-def _is_virtual(folder: Path) -> bool:
-    """/proc and /sys accept no new folders, even from root (whom os.access always allows)."""
-    resolved = folder.resolve()
-    return resolved.parts[:2] in (("/", "proc"), ("/", "sys"))
-
-
-def atomic_write(path: Path | str, writer: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` atomically through ``writer(file)``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        writer(f)
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: Path | str, data: bytes | memoryview) -> None:
-    """Write ``data`` atomically; a failure names the bytes that were needed."""
-    with atomic_path(path, needed=len(data)) as tmp, open(tmp, "wb") as f:
-        f.write(data)
 
 
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -315,86 +160,9 @@ class StopVote:
         return int(flag.item())
 
 
-# --- one writer per run folder -------------------------------------------------------------
-LOCK_FILE = "train.lock"
-_held_locks: dict[Path, int] = {}  # resolved folder -> depth of this process's holds
-
-
 def is_rank_zero() -> bool:
     """Rank 0 of a torchrun job (or a process run alone): the one that writes the run folder."""
     return os.environ.get("RANK", "0") == "0"
-
-
-@contextlib.contextmanager
-def run_lock(folder: Path | str, enabled: bool = True) -> Iterator[None]:
-    """Within: this process is the one writer of the run folder ``folder``, by an exclusive
-    advisory lock (``fcntl.flock``) on ``folder/train.lock``. The OS drops the lock when the
-    process ends, however it ends, so no stale lock survives a kill. A second writer fails at
-    once, having written nothing, with a :class:`ClevrgenError` naming the holder's PID.
-    Re-entrant within a process. Readers (sample, evaluate) take no lock. Where there is no
-    ``fcntl`` (Windows), or not ``enabled`` (the other ranks of a torchrun job), it does nothing."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    folder = Path(folder)
-    key = folder.resolve()
-    if not enabled or fcntl is None:
-        yield
-        return
-    if key in _held_locks:  # held by this process already (the command, then the library)
-        _held_locks[key] += 1
-        try:
-            yield
-        finally:
-            _held_locks[key] -= 1
-        return
-    path = folder / LOCK_FILE
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-    except OSError as exc:
-        raise write_error(exc, path) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            pid = f"PID {holder}" if holder.isdigit() else "PID unknown"
-            raise ClevrgenError(
-                f"{folder} is being trained by another process ({pid}): one writer per run folder; wait for it "
-                "to finish or stop it, or train into another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _held_locks[key] = 0
-        try:
-            yield
-        finally:
-            del _held_locks[key]
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # closing the only descriptor releases the lock
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line; a write that fails (disk full) is cut off again, so the file never
-    ends in half a record, and ends in a :class:`WriteError`."""
-    line = (json.dumps(record) + "\n").encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_UMASK)
-    except OSError as exc:
-        raise write_error(exc, Path(path), len(line)) from None
-    size = os.fstat(fd).st_size
-    try:
-        if os.write(fd, line) != len(line):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, size)
-        raise write_error(exc, Path(path), len(line)) from None
-    finally:
-        os.close(fd)
 
 
 def user_cache_dir() -> Path:

@@ -28,10 +28,8 @@ from clevrgen.model import (
     LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
     training_data_of, warn_if_upsampled,
 )
-from clevrgen.runtime import (
-    SIGNAL_NAMES, StopVote, WriteError, append_jsonl, atomic_path, atomic_write_bytes, atomic_write_text, autocast,
-    autocast_dtype, deferred_stop, init_distributed, resolve_device, run_lock,
-)
+from clevrgen.runtime import SIGNAL_NAMES, StopVote, autocast_dtype, deferred_stop, init_distributed, resolve_device
+from clevrgen.output import WriteError, append_jsonl, atomic_path, atomic_write_bytes, atomic_write_text, run_lock
 
 STATE_FILE = "state.pt"
 SNAPSHOTS_DIR = "snapshots"
@@ -506,7 +504,7 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
             if resume:
                 trainer.load_checkpoint()
                 if trainer.dist.is_main:
-                    from clevrgen.runtime import remove_stale_temporaries
+                    from clevrgen.output import remove_stale_temporaries
 
                     drop_metrics_after(run_dir / METRICS_FILE, trainer.step)
                     remove_stale_temporaries(run_dir)  # half-written files of the killed run

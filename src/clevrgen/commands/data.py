@@ -29,7 +29,7 @@ def info(
 
     from clevrgen.data.summary import class_count_table, dataset_table, labelled_grid
 
-    from clevrgen.runtime import check_writable
+    from clevrgen.output import check_writable
 
     check_writable(grid)
     data = load_iclevr(root)
@@ -63,7 +63,8 @@ def render(
     from clevrgen.data.render import random_spec, render_folder
     from clevrgen.errors import DataError, UsageError
     from clevrgen.labels import asset_path
-    from clevrgen.runtime import check_writable, resolve_device
+    from clevrgen.runtime import resolve_device
+    from clevrgen.output import check_writable
 
     if fmt not in ("png", "cache", "both"):
         raise UsageError(f"--format must be png, cache or both (got {fmt!r})")

@@ -44,7 +44,7 @@ def denoise_strip(
     scenes = load_label_sets(str(labels)) if labels is not None else [phrases]
     for scene in scenes:
         parse_phrases(scene)
-    from clevrgen.runtime import check_writable
+    from clevrgen.output import check_writable
 
     check_writable(out)
     pipeline = load_pipeline(checkpoint, config, overrides, print_config,

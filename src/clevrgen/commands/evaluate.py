@@ -58,7 +58,7 @@ def evaluate(
 
     # A run keeps its evaluations; the shipped model's folder is part of the install: write here.
     out = out or (Path(".") if is_shipped(pipeline.run_dir) else pipeline.run_dir) / f"eval-{Path(split).stem}"
-    from clevrgen.runtime import check_writable
+    from clevrgen.output import check_writable
 
     check_writable(out, folder=True)
     result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json, seeds=seeds)

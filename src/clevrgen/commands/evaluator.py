@@ -51,7 +51,8 @@ def train(
     from clevrgen.config import to_toml
     from clevrgen.data.iclevr import load_iclevr, split_scenes
     from clevrgen.judge import save_judge, train_judge
-    from clevrgen.runtime import append_jsonl, atomic_write_text, seed_everything
+    from clevrgen.runtime import seed_everything
+    from clevrgen.output import append_jsonl, atomic_write_text
 
     seed_everything(cfg.judge.seed)
     dataset = load_iclevr(root, cache_dir=cfg.data.cache_dir)

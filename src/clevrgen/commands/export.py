@@ -23,7 +23,7 @@ def export(
 ) -> None:
     from clevrgen.errors import UsageError
     from clevrgen.model import export_artifact, resolve_checkpoint
-    from clevrgen.runtime import check_writable
+    from clevrgen.output import check_writable
 
     source = resolve_checkpoint(run)
     if out.resolve() == source.resolve():

@@ -36,7 +36,7 @@ def sample(
 ) -> None:
     from clevrgen.evaluation import save_grid
     from clevrgen.labels import parse_phrases
-    from clevrgen.runtime import check_writable
+    from clevrgen.output import check_writable
 
     parse_phrases(phrases)  # fail on a bad phrase or an unwritable path before loading anything
     check_writable(out)

@@ -51,7 +51,8 @@ def train(
         cfg = resolve_config(config, overrides, print_config)
         stem = config.stem if config is not None else "run"
         run_dir = out or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from clevrgen.runtime import check_writable, is_rank_zero, resolve_device, run_lock
+    from clevrgen.runtime import is_rank_zero, resolve_device
+    from clevrgen.output import check_writable, run_lock
 
     check_writable(run_dir, folder=True)  # an unwritable --out or a missing GPU fails before any work
     resolve_device(cfg.train.device)

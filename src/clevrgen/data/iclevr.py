@@ -20,7 +20,8 @@ import torch
 
 from clevrgen.errors import DataError
 from clevrgen.labels import CLASS_INDEX, NUM_CLASSES, normalize_phrase
-from clevrgen.runtime import atomic_path, user_cache_dir
+from clevrgen.runtime import user_cache_dir
+from clevrgen.output import atomic_path
 
 IMAGE_SIZE = 64
 CACHE_VERSION = 1

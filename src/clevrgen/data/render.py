@@ -270,7 +270,8 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
 
     from clevrgen.data.iclevr import cache_path, decode_image, fingerprint_of, save_cache
     from clevrgen.labels import CLASS_INDEX
-    from clevrgen.runtime import SIGNAL_NAMES, append_jsonl, atomic_path, atomic_write_text, deferred_stop
+    from clevrgen.runtime import SIGNAL_NAMES, deferred_stop
+    from clevrgen.output import append_jsonl, atomic_path, atomic_write_text
 
     out = Path(out)
     plan_scenes(spec)  # validates every phrase before anything is written
@@ -344,7 +345,7 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
 @contextlib.contextmanager
 def _kept_on_failure(out: Path | None):
     """A write the disk refused ends in one line that says what is kept (the PNGs of ``out``)."""
-    from clevrgen.runtime import WriteError
+    from clevrgen.output import WriteError
 
     try:
         yield

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from clevrgen.data.iclevr import ImageSet
 from clevrgen.labels import COLORS, SHAPES, phrases_of
-from clevrgen.runtime import atomic_path
+from clevrgen.output import atomic_path
 
 
 def dataset_table(data: ImageSet, title: str = "dataset") -> Table:
