@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from clevrgen.errors import ClevrgenError
+from clevrgen.errors import ClevrgenError, UsageError
 
 
 def _read_umask() -> int:
@@ -100,10 +100,10 @@ def atomic_path(path: Path | str, needed: int | None = None) -> Iterator[Path]:
     the temporary is removed and the old file kept. ``needed``: the bytes to be written, if
     known, for the message.
     """
-    path = Path(path)
+    path = output_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:120]}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise write_error(exc, path, needed) from None
     os.close(fd)
@@ -138,6 +138,12 @@ def check_writable(path: Path | str, folder: bool = False) -> None:
     """Fail early, before any work, when ``path`` (a file, or with ``folder`` a folder) cannot be
     written: a folder where a file should go, a file where a folder should go, no permission."""
     path = Path(path)
+    long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:
+        raise UsageError(f"cannot write {path}: the name {long[:40]}... is {len(os.fsencode(long))} bytes long; "
+                         f"file systems allow {NAME_MAX} per name")
+    if not folder:
+        path = output_file(path)
     if path.is_dir() and not folder:
         raise ClevrgenError(f"cannot write {path}: it is a folder, not a file; give a file name")
     if path.exists() and not path.is_dir() and folder:
@@ -249,3 +255,88 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         raise write_error(exc, Path(path), len(line)) from None
     finally:
         os.close(fd)
+
+
+# --- what an output may overwrite --------------------------------------------------------------
+FOLDER_KINDS = {
+    "run": "a training run",
+    "model": "a clevrgen model (an export, a snapshot or a pipeline)",
+    "evaluation": "an evaluation",
+    "dataset": "a dataset",
+    "judge": "a judge's training folder",
+}
+NAME_MAX = 255
+"""The longest file or folder name (in bytes) that Linux, macOS and Windows file systems take."""
+# Files clevrgen leaves in any folder it writes, which say nothing about what the folder is.
+_INCIDENTAL = {LOCK_FILE, ".DS_Store"}
+
+
+def folder_kind(folder: Path) -> str | None:
+    """What clevrgen output ``folder`` holds, by the files that make it one: ``run``, ``model``,
+    ``evaluation``, ``dataset`` or ``judge``; None for an empty folder; ``other`` for anything else."""
+    names = {p.name for p in folder.iterdir()} - _INCIDENTAL
+    names = {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
+    if not names:
+        return None
+    weights = any(n.endswith(".safetensors") for n in names)
+    if "state.pt" in names or ({"metrics.jsonl", "config.toml"} <= names and not weights):
+        return "run"
+    if "results.json" in names:
+        return "evaluation"
+    if "config.toml" in names and ({"unet", "model_index.json"} & names):
+        return "model"
+    if "train.json" in names or "iclevr" in names:
+        return "dataset"
+    if "config.toml" in names and weights:
+        return "judge"
+    return "other"
+
+
+def describe_folder(folder: Path) -> str:
+    """What is in ``folder``, in words, for a refusal."""
+    kind = folder_kind(folder)
+    if kind in FOLDER_KINDS:
+        detail = {"run": "state.pt", "model": "config.toml, unet/", "evaluation": "results.json",
+                  "dataset": "train.json, iclevr/", "judge": "config.toml, *.safetensors"}[kind]
+        return f"{FOLDER_KINDS[kind]} ({detail})"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in _INCIDENTAL)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"other files ({shown})"
+
+
+def claim_folder(folder: Path | str, kind: str, option: str = "--out") -> None:
+    """The one rule for an output folder: a new or empty folder, or this command's own earlier
+    output of the same ``kind``, may be written; anything else (a dataset, a training run, an
+    export, an evaluation, a folder of other files) is refused in one line saying what is there,
+    before any work."""
+    folder = Path(folder)
+    check_writable(folder, folder=True)
+    if not folder.is_dir():
+        return
+    found = folder_kind(folder)
+    if found is None or found == kind:
+        return
+    raise UsageError(f"{option} {folder} already holds {describe_folder(folder)}; it is written only when new, "
+                     f"empty or {FOLDER_KINDS[kind]}'s own earlier output: choose another {option}")
+
+
+def output_file(path: Path | str) -> Path:
+    """Where a file output really goes: a symbolic link is followed (its target is written; the
+    link stays), and a FIFO, a device or a socket is refused, never replaced by a regular file."""
+    import stat
+
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a new file, or one check_writable explains
+        return path
+    except OSError as exc:
+        raise ClevrgenError(f"cannot write {path}: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        what = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket")
+        raise UsageError(f"cannot write {path}: it is {what}, not a regular file; clevrgen writes whole files "
+                         "atomically and never replaces a special file: give a file name")
+    return path

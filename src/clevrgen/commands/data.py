@@ -50,7 +50,7 @@ RENDER_EXAMPLES = """Examples:
 
 @app.command("render", epilog=RENDER_EXAMPLES)
 def render(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write in the i-CLEVR layout (resumes if it exists).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write in the i-CLEVR layout: new or empty, or an earlier render of the same settings, which it resumes or adds to (never dropping its images).")],
     spec: Annotated[Optional[Path], typer.Option("--spec", help="A train.json (image name -> phrases). Default: the official i-CLEVR train.json.")] = None,
     random: Annotated[Optional[int], typer.Option("--random", min=1, help="Render N random scenes instead of a spec (each as its images of MIN..MAX objects).")] = None,
     objects: Annotated[str, typer.Option("--objects", help="Objects per random scene, MIN-MAX within 1-5.")] = "1-3",
@@ -63,8 +63,8 @@ def render(
     from clevrgen.data.render import random_spec, render_folder
     from clevrgen.errors import DataError, UsageError
     from clevrgen.labels import asset_path
+    from clevrgen.output import claim_folder
     from clevrgen.runtime import resolve_device
-    from clevrgen.output import check_writable
 
     if fmt not in ("png", "cache", "both"):
         raise UsageError(f"--format must be png, cache or both (got {fmt!r})")
@@ -78,7 +78,7 @@ def render(
             isinstance(v, list) and all(isinstance(p, str) for p in v) for v in table.values()
         ) or not table:
             raise DataError(f"{spec}: expected a non-empty JSON object mapping image names to phrase lists")
-    check_writable(out, folder=True)
+    claim_folder(out, "dataset")  # a dataset of its own: added to only with the same settings (render_folder)
     counts = render_folder(out, table, seed=seed, device=resolve_device(device), fmt=fmt)
     typer.echo(f"wrote {out}: {counts['rendered']:,} images rendered, {counts['kept']:,} already there")
 

@@ -58,9 +58,9 @@ def evaluate(
 
     # A run keeps its evaluations; the shipped model's folder is part of the install: write here.
     out = out or (Path(".") if is_shipped(pipeline.run_dir) else pipeline.run_dir) / f"eval-{Path(split).stem}"
-    from clevrgen.output import check_writable
+    from clevrgen.output import claim_folder
 
-    check_writable(out, folder=True)
+    claim_folder(out, "evaluation")
     result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json, seeds=seeds)
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("config", "per_class_recall")}))

@@ -34,17 +34,21 @@ def train(
     config: ConfigOption = None,
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the judge (.safetensors); config.toml and metrics.jsonl go beside it.")] = Path("runs/judge/judge.safetensors"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the judge (.safetensors); config.toml and metrics.jsonl go beside it, so its folder must be new, empty or an earlier judge's.")] = Path("runs/judge/judge.safetensors"),
     data: Annotated[Optional[Path], typer.Option("--data", help="An i-CLEVR layout folder; default: config data.path.")] = None,
 ) -> None:
     """Train a judge on a dataset, holding out whole scenes (data.val_fraction); saves the best epoch."""
     from clevrgen.commands._options import resolve_config
     from clevrgen.errors import UsageError
 
+    from clevrgen.output import check_writable, claim_folder
+
     cfg = resolve_config(config, overrides, print_config)
     root = data or cfg.data.path
     if root is None:
         raise UsageError("no training data: pass --data DIR (an i-CLEVR layout folder) or set data.path")
+    check_writable(out)
+    claim_folder(out.parent, "judge")  # config.toml and metrics.jsonl go beside the judge
 
     import torch
 
@@ -68,6 +72,7 @@ def train(
                f"({torch.get_num_threads()} threads)", err=True)
     atomic_write_text(out.with_name("config.toml"), to_toml(cfg))
     metrics = out.with_name("metrics.jsonl")
+    metrics.unlink(missing_ok=True)  # an earlier judge's record here is replaced, not continued
     metrics.unlink(missing_ok=True)
     args = sys.argv[1:]
     args = args[args.index("train") + 1:] if "train" in args else args

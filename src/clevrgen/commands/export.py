@@ -18,17 +18,17 @@ EXAMPLES = """Examples:
 
 def export(
     run: Annotated[Path, typer.Argument(help="A run folder written by `clevrgen train` (or `latest`).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write; it becomes a run folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write: new, empty, or an earlier export, which it replaces.")],
     fp32: Annotated[bool, typer.Option("--fp32", help="Keep the weights in fp32.")] = False,
 ) -> None:
     from clevrgen.errors import UsageError
     from clevrgen.model import export_artifact, resolve_checkpoint
-    from clevrgen.output import check_writable
+    from clevrgen.output import claim_folder
 
     source = resolve_checkpoint(run)
     if out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the run itself: give another folder")
-    check_writable(out, folder=True)
+    claim_folder(out, "model")
     export_artifact(source, out, half=not fp32)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB, {'fp32' if fp32 else 'fp16'} weights) from {source}")

@@ -52,9 +52,10 @@ def train(
         stem = config.stem if config is not None else "run"
         run_dir = out or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     from clevrgen.runtime import is_rank_zero, resolve_device
-    from clevrgen.output import check_writable, run_lock
+    from clevrgen.output import check_writable, claim_folder, run_lock
 
-    check_writable(run_dir, folder=True)  # an unwritable --out or a missing GPU fails before any work
+    # an unwritable or occupied --out, or a missing GPU, fails before any work
+    claim_folder(run_dir, "run") if resume is None else check_writable(run_dir, folder=True)
     resolve_device(cfg.train.device)
     if cfg.train.tensorboard:
         from clevrgen.train import require_tensorboard

@@ -293,13 +293,11 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
                 facts.update(json.loads(line))
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
-    kept = {n for n in spec if n in facts and (out / "iclevr" / n).is_file()} if pngs else set()
-    # a resumed render must draw the rest as the first run drew the images it keeps
+    # a render may add to a dataset only if it drew it with the very same settings, and keeps
+    # every image that dataset lists
     manifest = render_settings(seed, style)
-    before = (out / "render.json").read_text() if (out / "render.json").is_file() else None
-    if kept and before != manifest:
-        raise DataError(f"{out} holds images of another render (another seed, scene settings or renderer "
-                        f"version): render into a new folder, or delete {out / 'iclevr'} to start over")
+    spec = _added_to(out, spec, manifest, pngs)
+    kept = {n for n in spec if n in facts and (out / "iclevr" / n).is_file()} if pngs else set()
     atomic_write_text(out / "render.json", manifest)
     atomic_write_text(out / "train.json", json.dumps(spec))
     atomic_write_text(out / "objects.json", json.dumps(CLASS_INDEX))
@@ -340,6 +338,38 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     if fmt == "png":  # a cache of an earlier render of this folder would be stale now
         cache_path(out).unlink(missing_ok=True)
     return {"rendered": rendered, "kept": len(spec) - rendered}
+
+
+def _added_to(out: Path, spec: dict[str, list[str]], manifest: str, pngs: bool) -> dict[str, list[str]]:
+    """The spec to write into ``out``: ``spec`` alone for a new folder; for a dataset this
+    renderer drew with the same settings, its listed images and ``spec`` together. A dataset of
+    other settings, or not rendered by clevrgen, is refused, and so is an image listed twice
+    with other objects."""
+    listed = out / "train.json"
+    before = (out / "render.json").read_text() if (out / "render.json").is_file() else None
+    if not listed.is_file():
+        if before is not None and before != manifest and any((out / "iclevr").glob("*.png")):
+            raise DataError(f"{out} holds images of another render (another seed, scene settings or renderer "
+                            f"version): render into a new folder, or delete {out / 'iclevr'} to start over")
+        return spec
+    if before is None:
+        raise DataError(f"--out {out} holds a dataset clevrgen did not render (train.json without render.json): "
+                        "render into a new folder; clevrgen adds only to its own renders")
+    if before != manifest:
+        raise DataError(f"--out {out} holds images of another render (another seed, scene settings or renderer "
+                        "version): render into a new folder, or give the same --seed to add to it")
+    try:
+        old = json.loads(listed.read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{listed} is unreadable or not JSON: render into a new folder") from None
+    clash = next((n for n in spec if n in old and old[n] != spec[n]), None)
+    if clash is not None:
+        raise DataError(f"--out {out} lists {clash} with other objects ({', '.join(old[clash])}): give the new "
+                        "images other names, or render into a new folder")
+    if not pngs and set(old) - set(spec):
+        raise DataError(f"--out {out} already lists {len(set(old) - set(spec)):,} images this render does not: "
+                        "--format cache cannot add to a dataset (its images are not kept as files); use --format both")
+    return {**old, **spec}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,148 @@
+"""What an output may overwrite: every command that writes a folder writes only a new or empty one,
+or its own earlier output of the same kind; a file output never replaces a special file."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from clevrgen.config import load_config
+from clevrgen.model import build_model, save_artifact
+from clevrgen.output import claim_folder, folder_kind, output_file
+
+from conftest import TINY, write_dataset
+from test_reliability import expect
+
+SAMPLE = ["--steps", "1", "--num", "1"]
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    cfg = load_config(None, [*TINY, "model.patch_size=2"])
+    save_artifact(build_model(cfg.model).eval(), cfg, tmp_path / "model", {"max_objects": 3})
+    return tmp_path / "model"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_folder_kinds(tmp_path, model_dir):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    assert folder_kind(tmp_path / "empty") is None
+    assert folder_kind(tmp_path / "notes") == "other"
+    assert folder_kind(model_dir) == "model"
+    assert folder_kind(write_dataset(tmp_path / "data")) == "dataset"
+
+
+@pytest.mark.parametrize("target, what", [
+    ("data", "a dataset (train.json, iclevr/)"),
+    ("model", "a clevrgen model"),
+    ("notes", "other files (todo.txt)"),
+])
+def test_evaluate_never_writes_into_a_folder_of_another_kind(runner, tmp_path, model_dir, target, what):
+    folders = {"data": write_dataset(tmp_path / "data"), "model": model_dir, "notes": tmp_path / "notes"}
+    (tmp_path / "notes").mkdir(exist_ok=True)
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    before = snapshot(folders[target])
+    expect(runner, ["evaluate", "--checkpoint", model_dir, "--split", "test", "--out", folders[target], *SAMPLE[:2]],
+           2, f"--out {folders[target]} already holds {what}", "choose another --out")
+    assert snapshot(folders[target]) == before
+
+
+def test_evaluate_may_write_over_its_own_earlier_evaluation(runner, tmp_path, model_dir):
+    args = ["evaluate", "--checkpoint", model_dir, "--split", "test", "--out", tmp_path / "ev", *SAMPLE[:2]]
+    expect(runner, args, 0, "wrote")
+    expect(runner, args, 0, "wrote")
+
+
+def test_export_and_train_refuse_a_training_run_or_a_model(runner, tmp_path, model_dir, dataset):
+    args = ["train", "--out", tmp_path / "run", *[x for s in TINY for x in ("--set", s)],
+            "--set", f"data.path='{dataset}'", "--set", "train.steps=2"]
+    expect(runner, args, 0, "done")
+    before = snapshot(tmp_path / "run")
+    expect(runner, ["export", model_dir, "--out", tmp_path / "run"], 2, "already holds a training run (state.pt)")
+    assert snapshot(tmp_path / "run") == before
+    # onto an export: refused too, the export stays as it was
+    exported = snapshot(model_dir)
+    expect(runner, [*args[:2], model_dir, *args[3:]], 2, f"--out {model_dir} already holds a clevrgen model")
+    assert snapshot(model_dir) == exported
+    # an export may replace an earlier export
+    expect(runner, ["export", tmp_path / "run", "--out", tmp_path / "exp"], 0, "wrote")
+    expect(runner, ["export", tmp_path / "run", "--out", tmp_path / "exp"], 0, "wrote")
+
+
+def test_a_judge_is_not_trained_into_a_run_folder(runner, tmp_path, model_dir, dataset):
+    before = snapshot(model_dir)
+    expect(runner, ["evaluator", "train", "--data", dataset, "--out", model_dir / "judge.safetensors"], 2,
+           "already holds a clevrgen model")
+    assert snapshot(model_dir) == before
+
+
+def test_render_adds_to_its_own_render_only_with_the_same_settings(runner, tmp_path):
+    out = tmp_path / "r"
+    expect(runner, ["data", "render", "--out", out, "--random", "2", "--objects", "1-1"], 0, "2 images rendered")
+    first = json.loads((out / "train.json").read_text())
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"CLEVR_extra_000000_0.png": ["red sphere"]}))
+    expect(runner, ["data", "render", "--out", out, "--spec", extra], 0, "1 images rendered, 2 already there")
+    listed = json.loads((out / "train.json").read_text())
+    assert set(first) < set(listed) and len(listed) == 3  # nothing listed before dropped out
+    expect(runner, ["data", "render", "--out", out, "--spec", extra, "--seed", "1"], 1, "another render")
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps({"CLEVR_extra_000000_0.png": ["cyan cube"]}))
+    expect(runner, ["data", "render", "--out", out, "--spec", clash], 1, "lists CLEVR_extra_000000_0.png with other objects")
+    assert json.loads((out / "train.json").read_text()) == listed
+
+
+def test_render_never_writes_into_a_dataset_it_did_not_render(runner, tmp_path):
+    real = write_dataset(tmp_path / "real")
+    before = snapshot(real)
+    expect(runner, ["data", "render", "--out", real, "--random", "1"], 1, "holds a dataset clevrgen did not render")
+    assert snapshot(real) == before
+
+
+def test_a_fifo_is_refused_never_replaced(runner, tmp_path, model_dir):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", fifo, *SAMPLE], 2,
+           "it is a FIFO, not a regular file")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_special_files_are_named(monkeypatch, tmp_path):
+    """A character device (as /dev/null) is refused by its kind, without touching a real one."""
+    real_stat = os.stat
+    fake = tmp_path / "null"
+    fake.write_text("")
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: os.stat_result((stat.S_IFCHR | 0o666,) + real_stat(fake)[1:])
+                        if Path(p) == fake else real_stat(p, *a, **k))
+    with pytest.raises(Exception, match="it is a character device"):
+        output_file(fake)
+
+
+def test_a_symlink_output_writes_its_target_and_stays_a_link(runner, tmp_path, model_dir):
+    target, link = tmp_path / "real.png", tmp_path / "link.png"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", link, *SAMPLE], 0, "wrote")
+    assert link.is_symlink() and target.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_name_longer_than_the_file_system_allows(runner, tmp_path, model_dir):
+    long = tmp_path / ("x" * 300 + ".png")
+    expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", long, *SAMPLE], 2,
+           "is 304 bytes long; file systems allow 255 per name")
+
+
+def test_claim_allows_new_empty_and_same_kind(tmp_path, model_dir):
+    claim_folder(tmp_path / "new", "evaluation")
+    (tmp_path / "empty").mkdir()
+    claim_folder(tmp_path / "empty", "dataset")
+    claim_folder(model_dir, "model")
