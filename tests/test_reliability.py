@@ -151,7 +151,7 @@ def test_missing_config_file(runner, tmp_path):
 
 def test_sampling_settings_are_checked(runner, run, tmp_path):
     expect(runner, ["sample", "red sphere", "--checkpoint", run, "--guidance", "-1"], 2,
-           "sample.guidance: Input should be greater than or equal to 0")
+           "'--guidance': must be from 0 to 100 (got -1)")
     expect(runner, ["sample", "red sphere", "--checkpoint", run, "--sampler", "euler"], 2, "sample.sampler")
     expect(runner, ["sample", "red sphere", "--checkpoint", run, "--steps", "0"], 2, "--steps")
     config = tmp_path / "c.toml"

@@ -30,8 +30,18 @@ ObjectRange = Annotated[tuple[int, int], AfterValidator(_object_range)]
 """(MIN, MAX) objects per rendered scene."""
 
 
+MAX_SEED = 2**53
+"""Seeds are 0..2^53: image i of a pass uses seed + i, which stays exact (as JSON and as a float)
+and within a 64-bit torch generator seed."""
+MAX_STEPS = 10**9
+MAX_SAMPLE_STEPS = 10_000
+MAX_GUIDANCE = 100.0
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused everywhere: every number has a finite range
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -43,8 +53,8 @@ class DataConfig(Section):
     folder when that is not writable (and for rendered data)."""
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Fraction of whole scenes (all _k images of a scene number) held out for validation."""
-    split_seed: int = 0
-    render_seed: int = 0
+    split_seed: Seed = 0
+    render_seed: Seed = 0
     """Seed of the embedded dataset's renders."""
     fresh: float = Field(0.0, ge=0.0, le=1.0)
     """Share of every training batch drawn as new scenes, rendered on the training device at
@@ -55,11 +65,11 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     block_out_channels: list[int] = [128, 128, 256, 256]
-    layers_per_block: int = Field(2, ge=1)
+    layers_per_block: int = Field(2, ge=1, le=16)
     attention: list[bool] = [False, False, False, True]
     """Self-attention per resolution level, highest resolution first."""
-    attention_head_dim: int = Field(8, ge=1)
-    norm_num_groups: int = Field(32, ge=1)
+    attention_head_dim: int = Field(8, ge=1, le=4096)
+    norm_num_groups: int = Field(32, ge=1, le=4096)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     image_size: int = Field(64, ge=8, le=64)
     """The resolution the model draws at. Below 64 the data is downsampled and samples are
@@ -73,7 +83,7 @@ class ModelConfig(Section):
     ``UNet2DConditionModel``); empty or all false: the label is pooled only (a ``UNet2DModel``)."""
     token_dim: int = Field(128, ge=8, le=1024)
     """Width of an object token (with ``cross_attention``)."""
-    cross_attention_head_dim: int = Field(32, ge=4)
+    cross_attention_head_dim: int = Field(32, ge=4, le=4096)
     """Width of one head of the cross-attention blocks (which get channels / this many heads)."""
     patch_size: Literal[1, 2, 4] = 1
     """Pixel-unshuffle each p x p patch into channels before the UNet and shuffle back after it:
@@ -111,7 +121,7 @@ class ModelConfig(Section):
 
 
 class DiffusionConfig(Section):
-    num_train_timesteps: int = Field(1000, ge=2)
+    num_train_timesteps: int = Field(1000, ge=2, le=100_000)
     beta_schedule: Literal["linear", "cosine"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     min_snr_gamma: float = Field(0.0, ge=0.0, le=1e4)
@@ -137,12 +147,12 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class TrainConfig(Section):
-    steps: int = Field(170_000, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(500, ge=0)
-    lr_decay_steps: int = Field(0, ge=0)
+    steps: int = Field(170_000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    warmup_steps: int = Field(500, ge=0, le=MAX_STEPS)
+    lr_decay_steps: int = Field(0, ge=0, le=MAX_STEPS)
     """The last this many of ``steps`` cool the lr down (cosine) to ``lr_final`` x lr; 0: constant.
     Set on a resume (``--set train.steps=N --set train.lr_decay_steps=M``) to end a run."""
     lr_final: float = Field(0.1, ge=0.0, le=1.0)
@@ -150,33 +160,33 @@ class TrainConfig(Section):
     """Start from the weights of a trained model instead of at random (fine-tuning): a run
     folder, an exported model, or "shipped". Its architecture must be this config's ``[model]``.
     The optimizer starts afresh (with ``warmup_steps``); a resume reads only its own checkpoint."""
-    grad_clip: float = Field(1.0, gt=0.0)
+    grad_clip: float = Field(1.0, gt=0.0, le=1e6)
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_warmup: bool = True
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     """Probability that a training label is replaced by the empty (unconditional) label."""
     hflip: bool = True
-    seed: int = 0
+    seed: Seed = 0
     device: Device = "auto"
     precision: Precision = "auto"
     """auto: bf16 autocast on CUDA, fp32 on the CPU (exact to the bit, e.g. for resume tests);
     bf16 is ~1.5-2x faster on CPUs with AVX512-BF16 or AMX (the CPU configs set it)."""
     compile: bool = False
     channels_last: bool = False
-    log_every: int = Field(50, ge=1)
-    eval_every: int = Field(5000, ge=1)
+    log_every: int = Field(50, ge=1, le=MAX_STEPS)
+    eval_every: int = Field(5000, ge=1, le=MAX_STEPS)
     """Held-out loss (and, with a judge, sample accuracy) every this many steps."""
-    eval_images: int = Field(64, ge=0)
+    eval_images: int = Field(64, ge=0, le=100_000)
     """Images sampled for the periodic held-out accuracy; 0 turns it off."""
     eval_splits: list[str] = []
     """Splits (e.g. ["test", "new_test"]) whose label sets are also sampled and scored by the
     shipped judge every ``eval_every`` steps (seed ``sample.seed``): accuracy against training time."""
-    sample_every: int = Field(5000, ge=1)
-    checkpoint_every: int = Field(2000, ge=1)
+    sample_every: int = Field(5000, ge=1, le=MAX_STEPS)
+    checkpoint_every: int = Field(2000, ge=1, le=MAX_STEPS)
     tensorboard: bool = False
     """Also write the logged numbers and the sample grids to ``RUN/tensorboard/`` (needs
     ``pip install 'clevrgen[tensorboard]'``); ``metrics.jsonl`` stays the record."""
-    snapshot_every: int = Field(0, ge=0)
+    snapshot_every: int = Field(0, ge=0, le=MAX_STEPS)
     """Also keep the EMA weights of every this many steps, as fp16, in ``RUN/snapshots/step-N``
     (each a model folder for ``--checkpoint``): the checkpoint of a run is overwritten, these
     are not. 0: off."""
@@ -184,12 +194,12 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     sampler: Sampler = "dpm++"
-    steps: int = Field(25, ge=1)
-    guidance: float = Field(1.0, ge=0.0)
+    steps: int = Field(25, ge=1, le=MAX_SAMPLE_STEPS)
+    guidance: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE)
     """Classifier-free guidance scale; 1 is plain conditional sampling, 0 unconditional."""
-    seed: int = 0
-    batch_size: int = Field(64, ge=1)
-    num: int = Field(8, ge=1)
+    seed: Seed = 0
+    batch_size: int = Field(64, ge=1, le=65_536)
+    num: int = Field(8, ge=1, le=100_000)
     """Images per scene for ``clevrgen sample``."""
     device: Device = "auto"
 
@@ -201,13 +211,13 @@ class EvaluateConfig(Section):
 
 
 class JudgeConfig(Section):
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
-    seed: int = 0
+    epochs: int = Field(30, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=10.0)
+    seed: Seed = 0
     device: Device = "auto"
-    render_extra: int = Field(0, ge=0)
+    render_extra: int = Field(0, ge=0, le=10_000_000)
     """Rendered scenes mixed into the judge's training set (drawn by the embedded renderer
     with ``render_objects`` objects each; the real set has at most 3)."""
     render_objects: ObjectRange = (4, 5)
@@ -225,7 +235,7 @@ class JudgeConfig(Section):
     """Brightness and contrast jitter, the same on all channels (no hue shift)."""
     precision: Precision = "auto"
     channels_last: bool = False
-    minutes: float | None = Field(None, gt=0.0)
+    minutes: float | None = Field(None, gt=0.0, le=1e6)
     """A wall-clock budget: the LR schedule runs over this time instead of over ``epochs``
     (which then only caps training). For shared machines whose speed is unknown up front."""
 
@@ -267,15 +277,29 @@ def merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _problems(exc: ValidationError) -> list[str]:
-    lines = []
+def override_origins(overrides: list[str]) -> dict[str, str]:
+    """Which ``--set`` gave each dotted key, for messages that blame the right thing."""
+    return {".".join(parse_override(text)[0]): f"--set {text}" for text in overrides}
+
+
+def _problems(exc: ValidationError, origins: dict[str, str]) -> tuple[list[str], bool]:
+    """One line per problem, each named by where its value came from (an option, a ``--set``, or
+    the config's dotted path); and whether any came from the config file itself."""
+    lines, from_file = [], False
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "config"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{where}: {message}")
-    return lines
+        elif err["type"] == "finite_number":
+            value = err.get("input")
+            message = ("must be a number (got nan)" if isinstance(value, float) and value != value
+                       else f"must be finite (got {value})")
+        origin = next((o for key, o in origins.items()
+                       if where == key or where.startswith(key + ".") or key.startswith(where + ".")), None)
+        from_file = from_file or origin is None
+        lines.append(f"{where}: {message}" + (f" (given by {origin})" if origin else ""))
+    return lines, from_file
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -308,18 +332,22 @@ def find_config(path: Path | str) -> Path:
                        "(give one by name, e.g. --config base)"])
 
 
-def validate_config(raw: dict[str, Any], source: str | None = None) -> Config:
+def validate_config(raw: dict[str, Any], source: str | None = None, origins: dict[str, str] | None = None) -> Config:
+    """``raw`` as a Config; a problem with a value given by an option or a ``--set`` (``origins``:
+    dotted key -> how it was given) names that option, the rest name ``source``."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_problems(exc), source=source) from None
+        problems, from_file = _problems(exc, origins or {})
+        raise ConfigError(problems, source=source if from_file else None, what="config" if from_file else "value") from None
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
     """The config of ``path`` (or the defaults) with ``overrides`` merged in, validated once."""
     path = find_config(path) if path is not None else None
     raw = read_toml(path) if path is not None else {}
-    return validate_config(merge_overrides(raw, list(overrides or [])), source=str(path or ""))
+    overrides = list(overrides or [])
+    return validate_config(merge_overrides(raw, overrides), source=str(path or ""), origins=override_origins(overrides))
 
 
 def _toml_value(value: Any) -> str:

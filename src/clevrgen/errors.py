@@ -22,9 +22,12 @@ class PhraseError(UsageError):
 class ConfigError(UsageError):
     """An invalid config: ``problems`` holds one ``dotted.path: message`` line each."""
 
-    def __init__(self, problems: list[str], source: str | None = None):
+    def __init__(self, problems: list[str], source: str | None = None, what: str = "config"):
         self.problems = problems
-        head = f"invalid config{f' {source}' if source else ''}:"
+        if what != "config" and len(problems) == 1:  # one bad option or --set: one line
+            super().__init__(f"invalid {what}: {problems[0]}")
+            return
+        head = f"invalid {what}{f' {source}' if source else ''}:"
         super().__init__("\n".join([head, *(f"  {p}" for p in problems)]))
 
 

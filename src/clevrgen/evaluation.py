@@ -13,7 +13,7 @@ import torch
 from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
 from clevrgen.model import describe_model
 from clevrgen.pipeline import LoadedRun
-from clevrgen.output import atomic_path, atomic_write_bytes, atomic_write_text
+from clevrgen.output import atomic_path, atomic_write_bytes, atomic_write_text, strict_json
 
 
 def write_image_folder(out: Path, images: torch.Tensor, scenes: list[list[str]]) -> None:
@@ -142,6 +142,6 @@ def evaluate_split(pipeline: LoadedRun, split: str, out: Path, evaluator: Path |
                      "diffusers": diffusers.__version__, "python": platform.python_version()},
         "config": pipeline.config.model_dump(mode="json"),
     }
-    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "results.json", strict_json(result, indent=2))
     shutil.rmtree(out / PASSES_DIR, ignore_errors=True)  # finished: results.json holds every pass
     return result

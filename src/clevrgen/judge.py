@@ -122,6 +122,10 @@ def load_judge(path: Path | None = None, device: torch.device | str = "cpu") -> 
     if not path.is_file():
         hint = " (the shipped judge is missing: train one with `clevrgen evaluator train`)" if shipped else ""
         raise CheckpointError(f"judge checkpoint not found: {path}{hint}")
+    if shipped:
+        from clevrgen.integrity import verify_shipped
+
+        verify_shipped(path)
     if _is_safetensors(path):
         state, _ = _read_safetensors(path)
     else:

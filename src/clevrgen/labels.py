@@ -49,18 +49,26 @@ SYNONYMS = {
 }
 
 
-def _closest(word: str, choices: tuple[str, ...]) -> str:
+CLOSE = 0.6
+"""How alike (difflib's ratio) a word must be to a valid one to be suggested."""
+
+
+def _closest(word: str, choices: tuple[str, ...]) -> str | None:
     if word in SYNONYMS and SYNONYMS[word] in choices:
         return SYNONYMS[word]
-    return max(choices, key=lambda c: (difflib.SequenceMatcher(None, word, c).ratio(), c[:1] == word[:1]))
+    best = max(choices, key=lambda c: (difflib.SequenceMatcher(None, word, c).ratio(), c[:1] == word[:1]))
+    return best if difflib.SequenceMatcher(None, word, best).ratio() >= CLOSE else None
 
 
-def suggest(phrase: str) -> str:
-    """The valid phrase closest to ``phrase``: its color and shape words matched one by one."""
+def suggest(phrase: str) -> str | None:
+    """The valid phrase close to ``phrase`` (its color and shape words matched one by one), or
+    None when nothing is close: a suggestion that cannot help is worse than none."""
     words = phrase.split()
     if len(words) == 2:
-        return f"{_closest(words[0], COLORS)} {_closest(words[1], SHAPES)}"
-    return difflib.get_close_matches(phrase, PHRASES, n=1, cutoff=0.0)[0]
+        color, shape = _closest(words[0], COLORS), _closest(words[1], SHAPES)
+        return f"{color} {shape}" if color and shape else None
+    close = difflib.get_close_matches(phrase, PHRASES, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def parse_phrase(text: str) -> int:
@@ -70,7 +78,8 @@ def parse_phrase(text: str) -> int:
         return CLASS_INDEX[phrase]
     if not phrase:
         raise PhraseError(f'empty phrase {text!r}: a phrase is "<color> <shape>", e.g. "red sphere".')
-    hint = f' Did you mean "{suggest(phrase)}"?' if phrase else ""
+    close = suggest(phrase)
+    hint = f' Did you mean "{close}"?' if close else ""
     raise PhraseError(
         f'unknown phrase "{text}".{hint} A phrase is "<color> <shape>" with color one of '
         f"{', '.join(COLORS)} and shape one of {', '.join(SHAPES)}."

@@ -317,6 +317,10 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[Label
         raise CheckpointError(f"checkpoint not found: {run_dir}")
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file, not a run folder: pass the folder that `clevrgen train --out` wrote")
+    if is_shipped(run_dir):
+        from clevrgen.integrity import verify_shipped
+
+        verify_shipped(run_dir)
     unet_dir = _settled_dir(run_dir / UNET_DIR)
     encoder_dir = _settled_dir(run_dir / LABEL_ENCODER_DIR)
     encoder = encoder_dir if encoder_dir.exists() else run_dir / LABEL_PROJ_FILE

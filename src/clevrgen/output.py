@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -237,10 +238,25 @@ def run_lock(folder: Path | str, enabled: bool = True) -> Iterator[None]:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
+def strict_json(value: Any, **kwargs) -> str:
+    """JSON that every parser reads: a non-finite float (nan, inf) is written as null, never as
+    Python's ``NaN`` or ``Infinity``."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line; a write that fails (disk full) is cut off again, so the file never
     ends in half a record, and ends in a :class:`WriteError`."""
-    line = (json.dumps(record) + "\n").encode()
+    line = (strict_json(record) + "\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_UMASK)
     except OSError as exc:

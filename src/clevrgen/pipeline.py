@@ -214,6 +214,9 @@ class ClevrgenPipeline(DiffusionPipeline):
         """
         steps = int(num_inference_steps or self.config.num_inference_steps)
         guidance = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+        limit = self.scheduler.config.num_train_timesteps
+        if not 1 <= steps <= limit:
+            raise UsageError(f"num_inference_steps {steps}: a sampler takes 1 to {limit} steps, the model's training timesteps")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise UsageError(f"output_type {output_type!r}: choose pil, np, pt or latent")
         if labels is None:
@@ -318,17 +321,25 @@ def pipeline_of(model: torch.nn.Module, scheduler, amp_dtype: torch.dtype | None
     return ClevrgenPipeline.from_denoiser(model, scheduler, precision=precision)
 
 
+class SamplingStopped(Exception):
+    """Raised from the step callback when ``should_stop()`` turns true: a deferred stop (training's
+    Ctrl-C) ends a sampling pass within a step instead of at its end."""
+
+
 def generate(model: torch.nn.Module, scheduler, labels: torch.Tensor, seeds: Sequence[int], steps: int,
              guidance: float = 1.0, batch_size: int = 64, image_size: int = 64, amp_dtype: torch.dtype | None = None,
-             progress: bool = True, description: str = "sampling") -> torch.Tensor:
+             progress: bool = True, description: str = "sampling",
+             should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """uint8 64x64 images on the CPU, in batches, with a rich progress bar."""
     pipe = pipeline_of(model, scheduler, amp_dtype)
-    return draw_uint8(pipe, labels, seeds, steps, guidance, batch_size, progress, description)
+    return draw_uint8(pipe, labels, seeds, steps, guidance, batch_size, progress, description, should_stop)
 
 
 def draw_uint8(pipe: ClevrgenPipeline, labels: torch.Tensor, seeds: Sequence[int], steps: int, guidance: float,
-               batch_size: int, progress: bool = True, description: str = "sampling") -> torch.Tensor:
-    """What the commands save: uint8 [N, 3, 64, 64] images, with a rich progress bar."""
+               batch_size: int, progress: bool = True, description: str = "sampling",
+               should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """What the commands save: uint8 [N, 3, 64, 64] images, with a rich progress bar. When
+    ``should_stop()`` turns true the pass ends after the step in hand (:class:`SamplingStopped`)."""
     from clevrgen.data.iclevr import IMAGE_SIZE, resize_images, to_uint8
     from clevrgen.progress import make_progress
 
@@ -338,11 +349,21 @@ def draw_uint8(pipe: ClevrgenPipeline, labels: torch.Tensor, seeds: Sequence[int
 
         def advance(p, i, t, kw):
             bar.advance(task, kw["latents"].shape[0])
+            if should_stop is not None and should_stop():
+                raise SamplingStopped
             return kw
 
         x = pipe(labels=labels, seed=list(seeds), num_inference_steps=steps, guidance_scale=guidance,
                  output_type="latent", callback_on_step_end=advance, batch_size=batch_size).images
     return resize_images(to_uint8(x).cpu(), IMAGE_SIZE)
+
+
+def check_sample_steps(config: Config) -> None:
+    """A sampler takes at most the model's training timesteps: say so before any work."""
+    steps, limit = config.sample.steps, config.diffusion.num_train_timesteps
+    if steps > limit:
+        raise UsageError(f"--steps / sample.steps {steps} is more than the model's {limit} training timesteps: "
+                         f"give at most {limit}")
 
 
 @dataclass
@@ -362,6 +383,7 @@ class LoadedRun:
         if config is not None:  # a missing GPU is reported before the weights are read
             resolve_device(config.sample.device)
         pipe, config = ClevrgenPipeline.from_run(run, config)
+        check_sample_steps(config)
         warn_if_upsampled(config.model)
         device = resolve_device(config.sample.device)
         return cls(pipe.to(device), config, pipe.run_dir, device)
@@ -391,6 +413,12 @@ class LoadedRun:
             if step in wanted:
                 taken.append(resize_images(to_uint8(x.clamp(-1, 1)).cpu(), IMAGE_SIZE))
 
-        sample(self.pipe.denoiser(), self.pipe.scheduler, self.labels(scenes), list(seeds), s.steps, s.guidance,
-               autocast_dtype=autocast_dtype(self.pipe.config.precision, self.device), callback=keep)
-        return torch.stack(taken, dim=1)
+        rows = []
+        labels, seeds = self.labels(scenes), list(seeds)
+        for start in range(0, len(seeds), s.batch_size):  # in batches: a stop acts within a batch's step
+            taken.clear()
+            batch = slice(start, start + s.batch_size)
+            sample(self.pipe.denoiser(), self.pipe.scheduler, labels[batch], seeds[batch], s.steps, s.guidance,
+                   autocast_dtype=autocast_dtype(self.pipe.config.precision, self.device), callback=keep)
+            rows.append(torch.stack(taken, dim=1))
+        return torch.cat(rows)

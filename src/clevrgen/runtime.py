@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ def resolve_device(name: str = "auto") -> "torch.device":
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d{1,3})?", name):
+        raise UsageError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} was asked for, but no CUDA GPU is available: use cpu or auto")
     return torch.device(name)

@@ -8,6 +8,7 @@ continues exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -21,7 +22,7 @@ import torch
 from clevrgen.config import Config, DiffusionConfig, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import sampling_scheduler, training_scheduler
-from clevrgen.pipeline import generate
+from clevrgen.pipeline import SamplingStopped, generate
 from clevrgen.loss import diffusion_loss
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
 from clevrgen.model import (
@@ -112,12 +113,14 @@ def draw_batch(images: torch.Tensor, labels: torch.Tensor, cfg: Config, gen: tor
 
 @torch.no_grad()
 def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int, size: int,
-                  objective: DiffusionConfig | None = None) -> float:
+                  objective: DiffusionConfig | None = None, should_stop=None) -> float:
     """Mean loss over (up to 512 of) the held-out images, with fixed noise: comparable over time."""
     gen = torch.Generator(device).manual_seed(1234)
     images, labels = resize_images(val.images[:512], size).to(device), val.labels[:512].to(device)
     total = 0.0
     for start in range(0, len(images), batch_size):
+        if should_stop is not None and should_stop():
+            raise SamplingStopped
         x0 = to_float(images[start:start + batch_size])
         total += diffusion_loss(model, noise_scheduler, x0, labels[start:start + batch_size], gen, amp_dtype,
                                 objective).item() * len(x0)
@@ -175,6 +178,9 @@ class Trainer:
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        from clevrgen.pipeline import check_sample_steps
+
+        check_sample_steps(cfg)  # the sample grids and accuracy checks draw with sample.steps
         if cfg.train.batch_size > len(data):
             raise UsageError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(data)} training images")
         self.train_set, self.val_set = split_scenes(data, cfg.data.val_fraction, cfg.data.split_seed)
@@ -215,6 +221,7 @@ class Trainer:
         self.noise_scheduler = training_scheduler(cfg.diffusion)
         self.gen = torch.Generator(self.device).manual_seed(self.rank_seed(0))
         self.step = 0
+        self.stop_requested = lambda: False  # while run() loops: whether a stop signal came
         # The loss summed since the last log record; checkpointed, so a resumed window logs exactly.
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
         self.forward = self.model
@@ -303,7 +310,8 @@ class Trainer:
         labels = multi_hot(scenes).to(self.device)
         s = self.cfg.sample
         images = generate(model, sampling_scheduler(self.cfg.diffusion, s.sampler), labels, list(range(len(scenes))),
-                          s.steps, s.guidance, s.batch_size, self.cfg.model.image_size, self.amp_dtype, progress=False)
+                          s.steps, s.guidance, s.batch_size, self.cfg.model.image_size, self.amp_dtype, progress=False,
+                          should_stop=self.stop_requested)
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         with atomic_path(path) as tmp:
             save_image(images.float() / 255, tmp, nrow=8, format="png")
@@ -316,7 +324,7 @@ class Trainer:
         if len(self.val_set):
             record["val_loss"] = held_out_loss(model, self.noise_scheduler, self.val_set, self.device, self.amp_dtype,
                                                self.cfg.train.batch_size, self.cfg.model.image_size,
-                                               self.held_out_objective())
+                                               self.held_out_objective(), self.stop_requested)
         if (self.cfg.train.eval_images and len(self.val_set)) or self.cfg.train.eval_splits:
             record.update(self.held_out_accuracy(model))
         return record
@@ -343,7 +351,7 @@ class Trainer:
         for prefix, labels in label_sets.items():
             images = generate(model, sampling_scheduler(self.cfg.diffusion, s.sampler), labels.to(self.device),
                               [s.seed + i for i in range(len(labels))], s.steps, s.guidance, s.batch_size,
-                              self.cfg.model.image_size, self.amp_dtype, progress=False)
+                              self.cfg.model.image_size, self.amp_dtype, progress=False, should_stop=self.stop_requested)
             scores = score_predictions(judge_probs(judge, images), labels)
             record.update({f"{prefix}topk_accuracy": scores["topk_accuracy"],
                            f"{prefix}exact_accuracy": scores["exact_accuracy"]})
@@ -423,6 +431,7 @@ class Trainer:
         stop_vote = StopVote(self.dist.enabled)  # under DDP every rank stops after the same step
         try:
             with bar, deferred_stop(repeat_forces=not self.dist.enabled) as interrupt:
+                self.stop_requested = lambda: interrupt.requested  # periodic sampling ends within a step
                 task = bar.add_task("training", total=t.steps, completed=self.step, loss=float("nan"), ips=0.0)
                 while self.step < t.steps:
                     self.window_loss += self.train_step()
@@ -436,8 +445,8 @@ class Trainer:
                         loss = self.mean_loss(self.window_loss, self.window_steps)
                         if not math.isfinite(loss):
                             raise ClevrgenError(
-                                f"the loss became non-finite ({loss}) by step {self.step}; the last good checkpoint "
-                                f"in {self.run_dir} is kept. Try a lower train.lr or train.precision='fp32'."
+                                f"the loss became non-finite ({loss}) by step {self.step}; {checkpoint_note(self.run_dir, kept=True)}. "
+                                "Try a lower train.lr or train.precision='fp32'."
                             )
                     if log_now:
                         ips = window_images / (time.perf_counter() - window_start)
@@ -445,13 +454,15 @@ class Trainer:
                             record = {"step": self.step, "loss": loss, "lr": self.lr_schedule.get_last_lr()[0],
                                       "images_per_second": ips}
                             if evaluate_now:
-                                record.update(self.evaluate())
+                                with contextlib.suppress(SamplingStopped):  # a stop skips the rest of it
+                                    record.update(self.evaluate())
                                 val_loss = record.get("val_loss", val_loss)
                             log.write(record)
                         window_start, window_images = time.perf_counter(), 0
                         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
-                    if main and (self.step % t.sample_every == 0 or last):
-                        self.sample_grid(self.ema_model(), log)
+                    if main and (self.step % t.sample_every == 0 or last) and not interrupt.requested:
+                        with contextlib.suppress(SamplingStopped):
+                            self.sample_grid(self.ema_model(), log)
                     if main and t.snapshot_every and self.step % t.snapshot_every == 0:
                         self.save_snapshot()
                     if checkpoint_now:
@@ -503,6 +514,11 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
         with run_lock(run_dir, enabled=trainer.dist.is_main):  # one writer per run folder
             if resume:
                 trainer.load_checkpoint()
+                if trainer.step >= cfg.train.steps:  # before anything of the run is rewritten
+                    done = "has finished its" if trainer.step == cfg.train.steps else "is past train.steps ="
+                    raise UsageError(f"{run_dir} {done} {cfg.train.steps} steps (its checkpoint is at step "
+                                     f"{trainer.step}): nothing to train. To go on, resume with "
+                                     f"--set train.steps=N, N above {trainer.step}")
                 if trainer.dist.is_main:
                     from clevrgen.output import remove_stale_temporaries
 
@@ -518,14 +534,17 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
             dist.destroy_process_group()
 
 
-def checkpoint_note(run_dir: Path) -> str:
-    """What a failed write left: the step of the intact ``state.pt`` (read back to be sure)."""
+def checkpoint_note(run_dir: Path, kept: bool = False) -> str:
+    """What a failure left: the step of the intact ``state.pt`` (read back to be sure), or that
+    none was saved. ``kept``: the note of a stop that leaves the disk as it is (no "make room")."""
     try:
         step = int(torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)["step"])
     except FileNotFoundError:
         return "no checkpoint had been saved yet"
     except Exception:
         return f"{run_dir / STATE_FILE} cannot be read back"
+    if kept:
+        return f"the last good checkpoint, {run_dir / STATE_FILE} at step {step}, is kept"
     return f"the last checkpoint, at step {step}, is intact. Make room, then resume with: clevrgen train --resume {run_dir}"
 
 

@@ -14,6 +14,12 @@ ConfigOption = Annotated[
     typer.Option("--config", "-c", help="A TOML file, or a shipped config by name from any folder: tiny, cpu, small, "
                  "base, judge. Defaults are used for what it omits."),
 ]
+SampleConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="A TOML file with only the sample and evaluate tables: the model's own "
+                 "settings are the defaults, and its architecture comes from the checkpoint (so a training "
+                 "config such as cpu is refused)."),
+]
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override one value, e.g. --set train.lr=2e-4 (repeatable; TOML literals)."),
@@ -23,11 +29,16 @@ PrintConfigOption = Annotated[
 ]
 
 
-def finish_config(raw: dict, overrides: list[str] | None, source: str, print_config: bool) -> Config:
-    """Merge ``--set`` overrides into ``raw``, validate once; with ``--print-config`` print and exit."""
-    from clevrgen.config import merge_overrides, validate_config
+def finish_config(raw: dict, overrides: list[str] | None, source: str, print_config: bool,
+                  options: dict[str, str] | None = None) -> Config:
+    """Merge ``--set`` overrides into ``raw``, validate once; with ``--print-config`` print and exit.
+    ``options`` (dotted key -> option name) says which values a command's own options gave, so a
+    bad one is blamed on the option rather than on ``source``."""
+    from clevrgen.config import merge_overrides, override_origins, validate_config
 
-    resolved = validate_config(merge_overrides(raw, list(overrides or [])), source=source)
+    overrides = list(overrides or [])
+    resolved = validate_config(merge_overrides(raw, overrides), source=source,
+                               origins={**(options or {}), **override_origins(overrides)})
     if print_config:
         typer.echo(to_toml(resolved))
         raise typer.Exit()
@@ -53,13 +64,27 @@ CheckpointOption = Annotated[
     typer.Option("--checkpoint", help="A run folder written by `clevrgen train`, or `latest` for the newest under "
                  "runs/. (default: the model shipped with clevrgen)"),
 ]
-SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Base seed; image i uses seed + i. (default: sample.seed)")]
-StepsOption = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. (default: sample.steps)")]
+# Ranges as config.py has them (the config module is not imported here: --help stays instant).
+MAX_SEED, MAX_SAMPLE_STEPS, MAX_GUIDANCE = 2**53, 10_000, 100.0
+def _finite_in(value: float | None, low: float, high: float) -> float | None:
+    """A float option's check: NaN is not a number (no range message for it), then the range."""
+    if value is None:
+        return value
+    if value != value:
+        raise typer.BadParameter("must be a number (got nan)")
+    if not low <= value <= high:
+        raise typer.BadParameter(f"must be from {low:g} to {high:g} (got {value:g})")
+    return value
+
+
+SeedOption = Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Base seed; image i uses seed + i. (default: sample.seed)")]
+StepsOption = Annotated[Optional[int], typer.Option("--steps", min=1, max=MAX_SAMPLE_STEPS, help="Sampling steps, at most the model's training timesteps. (default: sample.steps)")]
 SamplerOption = Annotated[
     Optional[str], typer.Option("--sampler", help="ddpm, ddim or dpm++. (default: sample.sampler)")
 ]
 GuidanceOption = Annotated[
-    Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale (>= 0). (default: sample.guidance)")
+    Optional[float], typer.Option("--guidance", callback=lambda v: _finite_in(v, 0.0, MAX_GUIDANCE),
+                                  help=f"Classifier-free guidance scale, 0 to {MAX_GUIDANCE:g}. (default: sample.guidance)")
 ]
 
 
@@ -80,8 +105,10 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
         if section not in ("sample", "evaluate") or not isinstance(values, dict):
             raise ConfigError([f"{section}: comes from the checkpoint; only [sample] and [evaluate] tables may be set here"])
         raw[section].update(values)
-    raw["sample"].update({k: v for k, v in sample_options.items() if v is not None})
-    pipeline = LoadedRun.load(run, finish_config(raw, overrides, str(config or run), print_config))
+    given = {k: v for k, v in sample_options.items() if v is not None}
+    raw["sample"].update(given)
+    options = {f"sample.{k}": f"--{k}" for k in given}
+    pipeline = LoadedRun.load(run, finish_config(raw, overrides, str(config or run), print_config, options))
     from rich.console import Console
 
     Console(stderr=True).print(f"model: {describe_model(run)}", highlight=False, soft_wrap=True)

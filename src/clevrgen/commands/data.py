@@ -52,9 +52,9 @@ RENDER_EXAMPLES = """Examples:
 def render(
     out: Annotated[Path, typer.Option("--out", help="Folder to write in the i-CLEVR layout: new or empty, or an earlier render of the same settings, which it resumes or adds to (never dropping its images).")],
     spec: Annotated[Optional[Path], typer.Option("--spec", help="A train.json (image name -> phrases). Default: the official i-CLEVR train.json.")] = None,
-    random: Annotated[Optional[int], typer.Option("--random", min=1, help="Render N random scenes instead of a spec (each as its images of MIN..MAX objects).")] = None,
+    random: Annotated[Optional[int], typer.Option("--random", min=1, max=10_000_000, help="Render N random scenes instead of a spec (each as its images of MIN..MAX objects).")] = None,
     objects: Annotated[str, typer.Option("--objects", help="Objects per random scene, MIN-MAX within 1-5.")] = "1-3",
-    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**53, help="Seed: the same seed gives the same images.")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
     fmt: Annotated[str, typer.Option("--format", help="png, cache (the reader's uint8 cache only) or both.")] = "png",
 ) -> None:
@@ -78,8 +78,9 @@ def render(
             isinstance(v, list) and all(isinstance(p, str) for p in v) for v in table.values()
         ) or not table:
             raise DataError(f"{spec}: expected a non-empty JSON object mapping image names to phrase lists")
+    where = resolve_device(device)
     claim_folder(out, "dataset")  # a dataset of its own: added to only with the same settings (render_folder)
-    counts = render_folder(out, table, seed=seed, device=resolve_device(device), fmt=fmt)
+    counts = render_folder(out, table, seed=seed, device=where, fmt=fmt)
     typer.echo(f"wrote {out}: {counts['rendered']:,} images rendered, {counts['kept']:,} already there")
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from clevrgen.commands._options import (
-    CheckpointOption, ConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
+    CheckpointOption, SampleConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
     StepsOption, load_pipeline,
 )
 
@@ -25,13 +25,13 @@ def denoise_strip(
     phrases: Annotated[Optional[list[str]], typer.Argument(help="The scene's phrases (or use --labels).")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="A JSON list of phrase lists: one row each.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The strip PNG to write.")] = Path("strip.png"),
-    frames: Annotated[int, typer.Option("--frames", min=2, help="Images per row, noise first, final last.")] = 10,
+    frames: Annotated[int, typer.Option("--frames", min=2, max=1000, help="Images per row, noise first, final last.")] = 10,
     seed: SeedOption = None,
     steps: StepsOption = None,
     sampler: SamplerOption = None,
     guidance: GuidanceOption = None,
     checkpoint: CheckpointOption = None,
-    config: ConfigOption = None,
+    config: SampleConfigOption = None,
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from clevrgen.commands._options import (
-    CheckpointOption, ConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
+    CheckpointOption, SampleConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
     StepsOption, load_pipeline,
 )
 
@@ -34,11 +34,11 @@ def evaluate(
     sampler: SamplerOption = None,
     guidance: GuidanceOption = None,
     seed: SeedOption = None,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Passes over the split, each with its own seeds: the "
+    seeds: Annotated[int, typer.Option("--seeds", min=1, max=1000, help="Passes over the split, each with its own seeds: the "
                                        "accuracies are their mean, with the spread beside them. (default: 1)")] = 1,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the grid, images and results. (default: RUN/eval-<split>; ./eval-<split> for the shipped model)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
-    config: ConfigOption = None,
+    config: SampleConfigOption = None,
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
 ) -> None:
@@ -63,7 +63,9 @@ def evaluate(
     claim_folder(out, "evaluation")
     result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json, seeds=seeds)
     if as_json:
-        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("config", "per_class_recall")}))
+        from clevrgen.output import strict_json
+
+        typer.echo(strict_json({k: v for k, v in result.items() if k not in ("config", "per_class_recall")}))
         return
     passes = f", {seeds} seeds" if seeds > 1 else f", seed {result['seed']}"
     table = Table(title=f"{split}: {result['n_images']} images, {result['sampler']} {result['steps']} steps, "

@@ -120,7 +120,9 @@ def score(
         data = split_scenes(data, split["val_fraction"], split["split_seed"])[1]
     result = score_predictions(judge_probs(judge, data.images), data.labels)
     if as_json:
-        typer.echo(json.dumps(result))
+        from clevrgen.output import strict_json
+
+        typer.echo(strict_json(result))
         return
     from rich.console import Console
 

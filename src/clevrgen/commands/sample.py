@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from clevrgen.commands._options import (
-    CheckpointOption, ConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
+    CheckpointOption, SampleConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
     StepsOption, load_pipeline,
 )
 
@@ -22,15 +22,15 @@ EXAMPLES = """Examples:
 
 
 def sample(
-    phrases: Annotated[list[str], typer.Argument(help="One to three color-shape phrases, e.g. \"red sphere\".")],
+    phrases: Annotated[list[str], typer.Argument(help="The scene's objects as color-shape phrases, e.g. \"red sphere\" \"cyan cube\": the models were trained on 1 to 3; more are drawn, with a warning.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The grid PNG to write.")] = Path("out.png"),
-    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="How many images. (default: sample.num)")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, max=100_000, help="How many images. (default: sample.num)")] = None,
     seed: SeedOption = None,
     steps: StepsOption = None,
     sampler: SamplerOption = None,
     guidance: GuidanceOption = None,
     checkpoint: CheckpointOption = None,
-    config: ConfigOption = None,
+    config: SampleConfigOption = None,
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
 ) -> None:

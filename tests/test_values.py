@@ -1,0 +1,227 @@
+"""Numbers, names and messages: every numeric value has a finite range, NaN is "not a number",
+JSON stays JSON, an error names the option that was wrong, help says what the command does,
+a stop acts within a step, and a suggestion is made only when it is close."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clevrgen.cli import app
+from clevrgen.config import load_config
+from clevrgen.errors import CheckpointError, ConfigError
+from clevrgen.model import build_model, save_artifact
+from clevrgen.output import strict_json
+
+from conftest import TINY
+from test_reliability import expect, flat
+
+SAMPLE = ["--steps", "1", "--num", "1"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    cfg = load_config(None, [*TINY, "model.patch_size=2"])
+    save_artifact(build_model(cfg.model).eval(), cfg, tmp_path / "model", {"max_objects": 3})
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("inf", "--guidance"), ("1e30", "--guidance"), ("-1", "--guidance"),
+    ("nan", "must be a number (got nan)"),
+])
+def test_absurd_guidance_is_one_line_and_no_image(runner, tmp_path, model_dir, value, message):
+    out = tmp_path / "g.png"
+    result = expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", out, "--guidance", value,
+                             *SAMPLE], 2, message)
+    assert not out.exists() and "invalid config" not in flat(result)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=inf", "train.lr: must be finite (got inf) (given by --set train.lr=inf)"),
+    ("train.lr=nan", "train.lr: must be a number (got nan) (given by --set train.lr=nan)"),
+    ("train.steps=1e999", "(given by --set train.steps=1e999)"),
+    ("train.steps=100000000000000000000000000", "train.steps: Input should be less than or equal to 1000000000 (given by"),
+    ("sample.seed=1180591620717411303424", "less than or equal to 9007199254740992"),
+    ("train.steps=abc", "train.steps: Input should be a valid integer, unable to parse string as an integer (given by --set train.steps=abc)"),
+])
+def test_config_values_have_finite_ranges_and_errors_name_the_override(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert message in str(err.value) and "tiny.toml" not in str(err.value)
+
+
+def test_a_bad_value_in_the_file_still_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlr = -1.0\n")
+    with pytest.raises(ConfigError, match=f"invalid config {bad}:\n  train.lr: Input should be greater than 0"):
+        load_config(bad)
+
+
+def test_command_ranges_match_the_config_and_are_in_the_help(runner):
+    from clevrgen.commands import _options
+    from clevrgen.config import MAX_GUIDANCE, MAX_SAMPLE_STEPS, MAX_SEED
+
+    assert (_options.MAX_SEED, _options.MAX_SAMPLE_STEPS, _options.MAX_GUIDANCE) == (MAX_SEED, MAX_SAMPLE_STEPS, MAX_GUIDANCE)
+    text = help_text(runner, "sample")
+    for shown in ("0<=x<=9007199254740992", "1<=x<=10000", "scale,0to100."):
+        assert shown in text.replace(" ", ""), shown
+
+
+def test_integers_beyond_any_type_are_usage_errors(runner, tmp_path, model_dir):
+    for option, value in (("--seed", "99999999999999999999999"), ("--steps", str(10**30)), ("--num", str(2**70))):
+        result = runner.invoke(app, ["sample", "red sphere", "--checkpoint", str(model_dir), "-o", str(tmp_path / "x.png"),
+                                     option, value])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (option, result.output)
+
+
+def test_more_steps_than_the_training_schedule(runner, tmp_path, model_dir):
+    # the tiny model trains with 50 timesteps
+    for sampler in ("ddim", "ddpm", "dpm++"):
+        expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", tmp_path / "x.png", "--num", "1",
+                        "--steps", "60", "--sampler", sampler], 2, "--steps / sample.steps 60 is more than the model's "
+                                                                   "50 training timesteps: give at most 50")
+
+
+def test_json_output_is_strict_json(runner, tmp_path, model_dir):
+    assert strict_json({"a": float("nan"), "b": [float("inf"), 1.5]}) == '{"a": null, "b": [null, 1.5]}'
+    result = expect(runner, ["evaluate", "--checkpoint", model_dir, "--split", "test", "--steps", "1", "--json",
+                             "--out", tmp_path / "ev"], 0)
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    json.loads(result.stdout.strip().splitlines()[-1], parse_constant=refuse)
+    json.loads((tmp_path / "ev" / "results.json").read_text(), parse_constant=refuse)
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_none_was_saved(runner, dataset, tmp_path, monkeypatch):
+    import clevrgen.train as training
+
+    real = training.diffusion_loss
+    monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    args = ["train", "--out", tmp_path / "r", *[x for s in TINY for x in ("--set", s)],
+            "--set", f"data.path='{dataset}'", "--set", "train.steps=4"]
+    result = expect(runner, args, 1, "the loss became non-finite (nan) by step 1; no checkpoint had been saved yet")
+    assert "last good checkpoint" not in flat(result) and not (tmp_path / "r" / "state.pt").exists()
+
+
+def test_an_unknown_device_is_a_usage_error(runner, tmp_path):
+    expect(runner, ["data", "render", "--out", tmp_path / "r", "--random", "1", "--device", "tpu"], 2,
+           "unknown device 'tpu': use cpu, cuda, cuda:N or auto")
+    assert not (tmp_path / "r").exists()
+
+
+def help_text(runner, *command) -> str:
+    """A command's --help with rich's boxes and wrapping undone."""
+    import re
+
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", runner.invoke(app, [*command, "--help"]).output).split())
+
+
+def test_sample_help_says_what_its_config_and_phrases_take(runner):
+    text = help_text(runner, "sample")
+    assert "with only the sample and evaluate tables" in text and "tiny, cpu" not in text
+    assert "One to three" not in text and "1 to 3; more are drawn, with a warning" in text
+
+
+def test_resuming_a_finished_run_or_below_its_step_is_refused_and_rewrites_nothing(runner, dataset, tmp_path):
+    run = tmp_path / "r"
+    args = ["train", "--out", run, *[x for s in TINY for x in ("--set", s)], "--set", f"data.path='{dataset}'",
+            "--set", "train.steps=4"]
+    expect(runner, args, 0, "done")
+    config = (run / "config.toml").read_bytes()
+    expect(runner, ["train", "--resume", run], 2, "has finished its 4 steps", "nothing to train")
+    expect(runner, ["train", "--resume", run, "--set", "train.steps=2"], 2, "is past train.steps = 2",
+           "--set train.steps=N, N above 4")
+    assert (run / "config.toml").read_bytes() == config
+
+
+def test_a_stop_during_trainings_evaluation_acts_within_a_step(dataset, tmp_path, monkeypatch):
+    """Ctrl-C while the end-of-run evaluation samples: it stops after the step in hand, saves, exits 130."""
+    from clevrgen.data.iclevr import load_iclevr
+    from clevrgen.model import LabelEncoder
+    from clevrgen.train import TrainingInterrupted, train
+
+    cfg = load_config(None, [*TINY, "train.steps=2", "train.eval_splits=['test', 'new_test']", "sample.steps=20",
+                             "sample.guidance=2.0"])
+    calls = []
+    real = LabelEncoder.forward
+
+    def counting(self, labels):
+        calls.append(len(labels))
+        if torch.is_grad_enabled() is False and len(calls) == 3:  # within the evaluation's sampling
+            signal.raise_signal(signal.SIGINT)
+        return real(self, labels)
+
+    monkeypatch.setattr(LabelEncoder, "forward", counting)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(cfg, tmp_path / "r", load_iclevr(dataset, progress=False), progress=False)
+    assert err.value.exit_code == 130 and (tmp_path / "r" / "state.pt").is_file()
+    sampling_calls = [n for n in calls if n == 64]  # 32 label sets with guidance
+    assert len(sampling_calls) <= 2, len(sampling_calls)  # not the 2 x 20 steps of both splits
+
+
+def test_a_large_strip_is_drawn_in_batches(tmp_path, model_dir):
+    from clevrgen.pipeline import LoadedRun
+
+    loaded = LoadedRun.load(model_dir)
+    loaded.config = loaded.config.model_copy(update={"sample": loaded.config.sample.model_copy(
+        update={"steps": 2, "batch_size": 2})})
+    scenes = [["red sphere"], ["cyan cube"], ["gray cylinder", "blue cube"]]
+    strip = loaded.trajectory(scenes, [0, 1, 2], 3)
+    assert strip.shape == (3, 3, 3, 64, 64)
+
+
+@pytest.mark.parametrize("phrase, hint", [
+    ("🔴 ⚽", None), ("xyz abc", None), ("red", None),
+    ("purple sphear", "purple sphere"), ("gren cilinder", "green cylinder"), ("pink cube", "purple cube"),
+])
+def test_suggestions_only_when_close(phrase, hint):
+    from clevrgen.labels import suggest
+
+    assert suggest(phrase) == hint
+
+
+def test_the_shipped_assets_match_their_checksums():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "asset_checksums.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def test_a_damaged_shipped_asset_is_refused(tmp_path, monkeypatch):
+    import clevrgen.integrity as integrity
+
+    assets = Path(shutil.copytree(integrity.ASSETS / "model", tmp_path / "assets" / "model"))
+    monkeypatch.setattr(integrity, "ASSETS", tmp_path / "assets")
+    monkeypatch.setattr(integrity, "SUMS", tmp_path / "assets" / "SHA256SUMS")
+    (tmp_path / "assets" / "SHA256SUMS").write_text("".join(
+        f"{integrity.sha256_of(p)}  {p.relative_to(tmp_path / 'assets').as_posix()}\n"
+        for p in sorted(assets.rglob("*")) if p.is_file()))
+    integrity.verify_shipped(assets)
+    weights = assets / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="the shipped model/unet/diffusion_pytorch_model.safetensors does not "
+                                              "match its recorded checksum"):
+        integrity.verify_shipped(assets)
+
+
+def test_export_does_not_copy_weights_that_do_not_fit(runner, tmp_path, model_dir):
+    from safetensors.torch import load_file, save_file
+
+    file = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(file))
+    weights.pop(sorted(weights)[0])
+    save_file(weights, str(file))
+    expect(runner, ["export", model_dir, "--out", tmp_path / "exp"], 1, "is missing", "do not fit the architecture")
+    assert not (tmp_path / "exp").exists()
