@@ -164,3 +164,57 @@ def test_every_objective_trains_a_token_model(tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and model.label_encoder.class_tokens.weight.grad.abs().sum() > 0
     json.dumps(cfg.model.model_dump())  # the new settings are plain data for config.toml
+
+
+def test_sigma_rel_and_gamma_as_edm2_gives_them():
+    from clevrgen.ema import sigma_rel_to_gamma
+
+    assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+
+
+def test_posthoc_ema_rebuilds_a_tracked_average_from_snapshots():
+    """Weights that follow a known path: the synthesized average of a length that was not tracked
+    is close to the one computed directly, and a tracked one is reproduced."""
+    import numpy as np
+
+    from clevrgen.ema import PowerEMA, posthoc_coefficients
+
+    torch.manual_seed(0)
+    path = torch.randn(1200, 4).cumsum(0)
+    param = torch.nn.Parameter(path[0].clone())
+    tracked = PowerEMA([param], [0.05, 0.10])
+    direct = PowerEMA([param], [0.07])
+    snaps = []
+    for t in range(1, 1201):
+        param.data.copy_(path[t - 1])
+        tracked.update([param])
+        direct.update([param])
+        if t % 200 == 0:
+            snaps += [(t, s, tracked.averages[i][0].clone()) for i, s in enumerate(tracked.sigma_rels)]
+    x = posthoc_coefficients([s for s, _, _ in snaps], [r for _, r, _ in snaps], 1200, 0.07)
+    rebuilt = sum(float(w) * a for w, (_, _, a) in zip(x, snaps))
+    target = direct.averages[0][0]
+    assert torch.allclose(rebuilt, target, atol=0.05 * target.abs().max().item())
+    x = posthoc_coefficients([s for s, _, _ in snaps], [r for _, r, _ in snaps], 1200, 0.10)
+    assert np.argmax(np.abs(x)) == len(snaps) - 1 and x[-1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_power_ema_run_keeps_snapshots_and_exports_any_length(runner, dataset, tmp_path):
+    from clevrgen.cli import app
+
+    args = ["train", "--out", str(tmp_path / "r"), *[x for s in TINY for x in ("--set", s)],
+            "--set", f"data.path='{dataset}'", "--set", "train.steps=6", "--set", "train.snapshot_every=2",
+            "--set", "train.ema_sigma_rels=[0.05, 0.10]"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "r" / "snapshots" / "step-000006").iterdir()) == ["ema-0.050", "ema-0.100"]
+    result = runner.invoke(app, ["export", str(tmp_path / "r"), "--out", str(tmp_path / "e"), "--ema-sigma-rel", "0.08"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "e" / "training_data.json").read_text())
+    assert record["ema_sigma_rel"] == 0.08 and record["steps"] == 6 and len(record["posthoc_ema"]) == 6
+    load_artifact(tmp_path / "e")
+    # resuming a power-EMA run continues its averages
+    assert runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--set", "train.steps=8"]).exit_code == 0
+    result = runner.invoke(app, ["export", str(tmp_path / "r"), "--out", str(tmp_path / "f"), "--ema-sigma-rel",
+                                 "0.08", "--step", "5"])
+    assert result.exit_code == 2 and "snapshots are at steps 2, 4, 6, 8" in result.output

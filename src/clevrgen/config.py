@@ -163,6 +163,11 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0.0, le=1e6)
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_warmup: bool = True
+    ema_sigma_rels: list[Annotated[float, Field(gt=0.0, lt=0.28)]] = []
+    """EDM2's power-function EMAs instead of ``ema_decay``: their lengths relative to the run
+    (e.g. [0.05, 0.10]). The first is the run's artifact; ``snapshot_every`` keeps all of them, so
+    that ``clevrgen export RUN --ema-sigma-rel S`` can build the average of any length S after
+    training. Empty: the classic EMA."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     """Probability that a training label is replaced by the empty (unconditional) label."""
     hflip: bool = True

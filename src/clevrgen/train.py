@@ -1,4 +1,7 @@
-"""The training loop: AdamW, warmup, EMA, gradient clipping, atomic checkpoints, metrics.
+"""The training loop, in the manner of nanoGPT and EDM: a step (``train_step``), and the run's
+bookkeeping after it (``log_window``, ``evaluate``, ``save_checkpoint``, ``save_snapshot``) as
+small named pieces. The objective is ``clevrgen.loss``, what a run measures ``clevrgen.monitor``,
+its folder ``clevrgen.runfolder``.
 
 One code path for the CPU and CUDA: precision, compile and channels-last are settings. The whole
 training set lives on the device as uint8 and batches are drawn there. All randomness of the
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import signal
 import time
@@ -19,26 +21,23 @@ from pathlib import Path
 
 import torch
 
-from clevrgen.config import Config, DiffusionConfig, to_toml
+from clevrgen import monitor
+from clevrgen.config import Config, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
-from clevrgen.diffusion import sampling_scheduler, training_scheduler
-from clevrgen.pipeline import SamplingStopped, generate
-from clevrgen.loss import diffusion_loss
+from clevrgen.diffusion import training_scheduler
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
+from clevrgen.loss import diffusion_loss
 from clevrgen.model import (
     LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
     training_data_of, warn_if_upsampled,
 )
+from clevrgen.output import WriteError, append_jsonl, atomic_write_text, run_lock
+from clevrgen.pipeline import SamplingStopped
+from clevrgen.runfolder import (  # noqa: F401  (STATE_FILE, METRICS_FILE: the run folder's names, used by callers)
+    METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, RunLog, checkpoint_note, drop_metrics_after, read_state,
+    require_tensorboard, write_state,
+)
 from clevrgen.runtime import SIGNAL_NAMES, StopVote, autocast_dtype, deferred_stop, init_distributed, resolve_device
-from clevrgen.output import WriteError, append_jsonl, atomic_path, atomic_write_bytes, atomic_write_text, run_lock
-
-STATE_FILE = "state.pt"
-SNAPSHOTS_DIR = "snapshots"
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_second": "train/images_per_second",
-                    "val_loss": "eval/held_out_loss"}
-"""metrics.jsonl keys as TensorBoard tags; the rest (judge accuracies) go under eval/."""
 
 
 class TrainingInterrupted(Interrupted):
@@ -111,70 +110,23 @@ def draw_batch(images: torch.Tensor, labels: torch.Tensor, cfg: Config, gen: tor
     return x0, labels * keep[:, None]
 
 
-@torch.no_grad()
-def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int, size: int,
-                  objective: DiffusionConfig | None = None, should_stop=None) -> float:
-    """Mean loss over (up to 512 of) the held-out images, with fixed noise: comparable over time."""
-    gen = torch.Generator(device).manual_seed(1234)
-    images, labels = resize_images(val.images[:512], size).to(device), val.labels[:512].to(device)
-    total = 0.0
-    for start in range(0, len(images), batch_size):
-        if should_stop is not None and should_stop():
-            raise SamplingStopped
-        x0 = to_float(images[start:start + batch_size])
-        total += diffusion_loss(model, noise_scheduler, x0, labels[start:start + batch_size], gen, amp_dtype,
-                                objective).item() * len(x0)
-    return total / max(1, len(images))
+def make_ema(model: torch.nn.Module, cfg: Config):
+    """The weights' average: EDM2's power-function EMAs with ``train.ema_sigma_rels`` (the first is
+    the run's artifact; all are kept in snapshots, for a length chosen after training), else a
+    classic EMA of ``train.ema_decay``."""
+    if cfg.train.ema_sigma_rels:
+        from clevrgen.ema import PowerEMA
 
+        return PowerEMA(model.parameters(), cfg.train.ema_sigma_rels)
+    from diffusers.training_utils import EMAModel
 
-class RunLog:
-    """Where a run's numbers go: ``metrics.jsonl`` (the record, one JSON object per line) and,
-    with ``train.tensorboard``, the same scalars and the sample grids in ``RUN/tensorboard/``."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, step: int = 0):
-        self.path = run_dir / METRICS_FILE
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # A resumed run forgets the events written after its checkpoint, as metrics.jsonl does.
-            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
-
-    def write(self, record: dict) -> None:
-        append_jsonl(self.path, record)
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(TENSORBOARD_TAGS.get(key, f"eval/{key}"), value, record["step"])
-            self.writer.flush()
-
-    def grid(self, images: torch.Tensor, step: int) -> None:
-        """uint8 images [N, 3, H, W] as one image of the run's samples."""
-        if self.writer is not None:
-            from torchvision.utils import make_grid
-
-            self.writer.add_image("samples/new_test", make_grid(images, nrow=8), step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def require_tensorboard() -> None:
-    """``train.tensorboard`` needs the tensorboard package: say so before any work."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        raise UsageError("train.tensorboard needs the tensorboard package: pip install 'clevrgen[tensorboard]'")
+    return EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
 
 
 class Trainer:
     """Owns the model, EMA, optimizer and run folder of one training run."""
 
     def __init__(self, cfg: Config, run_dir: Path, data: ImageSet, progress: bool = True, resume: bool = False):
-        from diffusers.training_utils import EMAModel
-
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
@@ -213,8 +165,7 @@ class Trainer:
         self.model = self.model.to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = (EMAModel(self.model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
-                    if self.dist.is_main else None)
+        self.ema = make_ema(self.model, cfg) if self.dist.is_main else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_decay_steps, cfg.train.lr_final))
@@ -237,7 +188,41 @@ class Trainer:
         """The batch-drawing seed of this rank, from the run's seed (and the step, on a resume)."""
         return self.cfg.train.seed + 1_000_003 * self.dist.rank + 7_919 * step
 
-    # --- state -------------------------------------------------------------------------------
+    # --- the step ----------------------------------------------------------------------------
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; the loss stays on the device (no sync)."""
+        fresh = self.fresh.draw(self.step) if self.fresh is not None else None
+        x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen, fresh)
+        if self.cfg.train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss = diffusion_loss(self.forward, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype,
+                              self.cfg.diffusion)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        if self.ema is not None:
+            self.ema_update()
+        self.step += 1
+        return loss.detach()
+
+    def ema_update(self) -> None:
+        if hasattr(self.ema, "update"):  # a PowerEMA
+            self.ema.update(self.model.parameters())
+        else:
+            self.ema.step(self.model.parameters())
+
+    def ema_model(self, index: int = 0) -> LabelConditionedUNet:
+        """A copy of the model holding the EMA weights (with power EMAs: the ``index``-th)."""
+        model = copy.deepcopy(self.model).float().to(memory_format=torch.contiguous_format)
+        if hasattr(self.ema, "update"):
+            self.ema.copy_to(model.parameters(), index)
+        else:
+            self.ema.copy_to(model.parameters())
+        return model.eval()
+
+    # --- the run's bookkeeping -----------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -253,26 +238,31 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """The resumable state (atomic) and the sampling artifact (EMA weights)."""
-        import io
-
-        buffer = io.BytesIO()  # torch.save to a full disk fails as a RuntimeError; a plain write as an OSError
-        torch.save(self.state_dict(), buffer)
-        atomic_write_bytes(self.run_dir / STATE_FILE, buffer.getbuffer())
+        write_state(self.run_dir, self.state_dict())
         save_artifact(self.ema_model(), self.cfg, self.run_dir, {**self.training_data, "steps": self.step})
 
     def save_snapshot(self) -> None:
-        """The EMA weights of this step, fp16, in a model folder of their own that nothing overwrites."""
-        model = self.ema_model()
-        model.unet.half()
-        save_artifact(model, self.cfg, self.run_dir / SNAPSHOTS_DIR / f"step-{self.step:06d}",
-                      {**self.training_data, "steps": self.step})
+        """The EMA weights of this step in model folders of their own that nothing overwrites:
+        ``snapshots/step-N`` (fp16) for a classic EMA; with power EMAs ``snapshots/step-N/ema-S``
+        for each relative length S, in fp32, from which ``clevrgen export --ema-sigma-rel``
+        synthesizes an average of any other length."""
+        folder = self.run_dir / SNAPSHOTS_DIR / f"step-{self.step:06d}"
+        record = {**self.training_data, "steps": self.step}
+        if not hasattr(self.ema, "update"):
+            model = self.ema_model()
+            model.unet.half()
+            save_artifact(model, self.cfg, folder, record)
+            return
+        for i, sigma_rel in enumerate(self.ema.sigma_rels):
+            save_artifact(self.ema_model(i), self.cfg, folder / f"ema-{sigma_rel:.3f}",
+                          {**record, "ema_sigma_rel": sigma_rel})
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / STATE_FILE
         if not path.is_file():
             raise CheckpointError(f"cannot resume: {path} not found (is {self.run_dir} a training run?)")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_state(self.run_dir)
             self.model.load_state_dict(state["model"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -295,91 +285,47 @@ class Trainer:
         except Exception as exc:
             raise CheckpointError(f"cannot resume from {path}: {first_line(exc)}") from None
 
-    def ema_model(self) -> LabelConditionedUNet:
-        model = copy.deepcopy(self.model).float().to(memory_format=torch.contiguous_format)
-        self.ema.copy_to(model.parameters())
-        return model.eval()
+    def evaluate(self) -> dict:
+        """The held-out loss and judge accuracies of the EMA model (``clevrgen.monitor``)."""
+        return monitor.evaluate(self.ema_model(), self.noise_scheduler, self.cfg, self.val_set, self.device,
+                                self.amp_dtype, self.stop_requested)
 
-    # --- periodic work -----------------------------------------------------------------------
-    def sample_grid(self, model: LabelConditionedUNet, log: "RunLog | None" = None) -> None:
-        from torchvision.utils import save_image
+    def held_out_accuracy(self, model) -> dict:
+        return monitor.judge_accuracy(model, self.cfg, self.val_set, self.device, self.amp_dtype, self.stop_requested)
 
-        from clevrgen.labels import multi_hot, shipped_split
-
-        scenes = [list(s) for s in shipped_split("new_test")[:16]]
-        labels = multi_hot(scenes).to(self.device)
-        s = self.cfg.sample
-        images = generate(model, sampling_scheduler(self.cfg.diffusion, s.sampler), labels, list(range(len(scenes))),
-                          s.steps, s.guidance, s.batch_size, self.cfg.model.image_size, self.amp_dtype, progress=False,
-                          should_stop=self.stop_requested)
-        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        with atomic_path(path) as tmp:
-            save_image(images.float() / 255, tmp, nrow=8, format="png")
+    def sample_grid(self, model: LabelConditionedUNet, log: RunLog | None = None) -> None:
+        images = monitor.sample_grid(model, self.cfg, self.device, self.amp_dtype,
+                                     self.run_dir / "samples" / f"step_{self.step:07d}.png", self.stop_requested)
         if log is not None:
             log.grid(images, self.step)
 
-    def evaluate(self) -> dict:
-        model = self.ema_model()
-        record = {}
-        if len(self.val_set):
-            record["val_loss"] = held_out_loss(model, self.noise_scheduler, self.val_set, self.device, self.amp_dtype,
-                                               self.cfg.train.batch_size, self.cfg.model.image_size,
-                                               self.held_out_objective(), self.stop_requested)
-        if (self.cfg.train.eval_images and len(self.val_set)) or self.cfg.train.eval_splits:
-            record.update(self.held_out_accuracy(model))
+    def log_window(self, log: RunLog | None, evaluate: bool, images: int, seconds: float) -> dict:
+        """The record of the steps since the last one: mean loss, lr, speed, and (``evaluate``)
+        what the monitor measures; written to the log on the main rank."""
+        record = {"step": self.step, "loss": self.loss, "lr": self.lr_schedule.get_last_lr()[0],
+                  "images_per_second": images / seconds}
+        if log is not None:
+            if evaluate:
+                with contextlib.suppress(SamplingStopped):  # a stop skips the rest of it
+                    record.update(self.evaluate())
+            log.write(record)
+        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
         return record
 
-    def held_out_objective(self) -> DiffusionConfig:
-        """The held-out loss is always uniform timesteps with Min-SNR weighting (the run's gamma)
-        and no noise assignment, so that runs differing in their objective stay comparable."""
-        return self.cfg.diffusion.model_copy(update={"weighting": "min_snr", "timesteps": "uniform", "immiscible": False})
-
-    def held_out_accuracy(self, model) -> dict:
-        """Judge accuracy of samples for the held-out scenes' label sets and for ``eval_splits``."""
-        try:
-            from clevrgen.judge import judge_probs, load_judge, score_predictions
-            judge = load_judge(None, self.device)
-        except (ImportError, ClevrgenError):
-            return {}
-        from clevrgen.labels import load_label_sets, multi_hot
-
-        t, s = self.cfg.train, self.cfg.sample
-        label_sets = {f"{split}_": multi_hot(load_label_sets(split)) for split in t.eval_splits}
-        if t.eval_images and len(self.val_set):
-            label_sets["val_"] = self.val_set.labels[: t.eval_images]
-        record = {}
-        for prefix, labels in label_sets.items():
-            images = generate(model, sampling_scheduler(self.cfg.diffusion, s.sampler), labels.to(self.device),
-                              [s.seed + i for i in range(len(labels))], s.steps, s.guidance, s.batch_size,
-                              self.cfg.model.image_size, self.amp_dtype, progress=False, should_stop=self.stop_requested)
-            scores = score_predictions(judge_probs(judge, images), labels)
-            record.update({f"{prefix}topk_accuracy": scores["topk_accuracy"],
-                           f"{prefix}exact_accuracy": scores["exact_accuracy"]})
-        return record
+    def window_mean_loss(self) -> float:
+        """The window's mean loss over all ranks, refusing a non-finite one: no checkpoint ever
+        holds weights a NaN has touched."""
+        loss = self.mean_loss(self.window_loss, self.window_steps)
+        if not math.isfinite(loss):
+            raise ClevrgenError(f"the loss became non-finite ({loss}) by step {self.step}; "
+                                f"{checkpoint_note(self.run_dir, kept=True)}. Try a lower train.lr or "
+                                "train.precision='fp32'.")
+        return loss
 
     def plot_loss(self) -> None:
         from clevrgen.report import plot_metrics
 
         plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
-
-    # --- the loop ----------------------------------------------------------------------------
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step; the loss stays on the device (no sync)."""
-        fresh = self.fresh.draw(self.step) if self.fresh is not None else None
-        x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen, fresh)
-        if self.cfg.train.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss = diffusion_loss(self.forward, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype,
-                              self.cfg.diffusion)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.lr_schedule.step()
-        if self.ema is not None:
-            self.ema.step(self.model.parameters())
-        self.step += 1
-        return loss.detach()
 
     def mean_loss(self, total: torch.Tensor, steps: int) -> float:
         """The mean loss of a window of steps over all ranks: every rank logs, and stops, on the
@@ -408,6 +354,7 @@ class Trainer:
         dist.all_gather(gathered, stats)
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
+    # --- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         from rich.progress import TextColumn
 
@@ -420,10 +367,8 @@ class Trainer:
             if self.dist.enabled:
                 console.print(f"DDP on {self.dist.world_size} ranks ({self.device.type}): batch {t.batch_size} per rank, "
                               f"effective batch {t.batch_size * self.dist.world_size}, lr {t.lr:g}")
-        metrics = self.run_dir / METRICS_FILE
         log = RunLog(self.run_dir, t.tensorboard, self.step) if main else None
-        loss = ips = float("nan")
-        val_loss = None
+        self.loss, ips, val_loss = float("nan"), float("nan"), None
         window_start, window_images = time.perf_counter(), 0
         bar = make_progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
                             enabled=self.progress and main)
@@ -441,25 +386,12 @@ class Trainer:
                     evaluate_now = self.step % t.eval_every == 0 or last
                     log_now = self.step % t.log_every == 0 or evaluate_now
                     checkpoint_now = self.step % t.checkpoint_every == 0 or last
-                    if log_now or checkpoint_now:  # never checkpoint weights a non-finite loss has touched
-                        loss = self.mean_loss(self.window_loss, self.window_steps)
-                        if not math.isfinite(loss):
-                            raise ClevrgenError(
-                                f"the loss became non-finite ({loss}) by step {self.step}; {checkpoint_note(self.run_dir, kept=True)}. "
-                                "Try a lower train.lr or train.precision='fp32'."
-                            )
+                    if log_now or checkpoint_now:
+                        self.loss = self.window_mean_loss()
                     if log_now:
-                        ips = window_images / (time.perf_counter() - window_start)
-                        if main:
-                            record = {"step": self.step, "loss": loss, "lr": self.lr_schedule.get_last_lr()[0],
-                                      "images_per_second": ips}
-                            if evaluate_now:
-                                with contextlib.suppress(SamplingStopped):  # a stop skips the rest of it
-                                    record.update(self.evaluate())
-                                val_loss = record.get("val_loss", val_loss)
-                            log.write(record)
+                        record = self.log_window(log, evaluate_now, window_images, time.perf_counter() - window_start)
+                        ips, val_loss = record["images_per_second"], record.get("val_loss", val_loss)
                         window_start, window_images = time.perf_counter(), 0
-                        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
                     if main and (self.step % t.sample_every == 0 or last) and not interrupt.requested:
                         with contextlib.suppress(SamplingStopped):
                             self.sample_grid(self.ema_model(), log)
@@ -469,16 +401,9 @@ class Trainer:
                         if main:
                             self.save_checkpoint()
                         self.barrier()
-                    bar.update(task, completed=self.step, loss=loss, ips=ips)
+                    bar.update(task, completed=self.step, loss=self.loss, ips=ips)
                     if signum := stop_vote(interrupt.signum):  # Ctrl-C or SIGTERM: stop between two whole steps
-                        if not checkpoint_now:
-                            if main:
-                                self.save_checkpoint()
-                            self.barrier()  # no rank ends (and has torchrun stop the rest) before the save
-                        how = "interrupted" if signum == signal.SIGINT else f"stopped by {SIGNAL_NAMES[signum]}"
-                        raise TrainingInterrupted(
-                            f"{how} at step {self.step}; checkpoint saved. Resume with: clevrgen train --resume "
-                            f"{self.run_dir}", exit_code=128 + signum)
+                        self.stop(signum, saved=checkpoint_now)
         except KeyboardInterrupt:
             if interrupt is not None and interrupt.forced:
                 raise TrainingInterrupted(
@@ -496,12 +421,23 @@ class Trainer:
         if self.dist.enabled:
             in_sync = self.ranks_in_sync()
             if main:
-                append_jsonl(metrics, {"step": self.step, "world_size": self.dist.world_size, "ranks_in_sync": in_sync})
+                append_jsonl(self.run_dir / METRICS_FILE,
+                             {"step": self.step, "world_size": self.dist.world_size, "ranks_in_sync": in_sync})
             if not in_sync:
                 raise RuntimeError("DDP ranks ended with different weights")
         if main:
             self.plot_loss()
-        return TrainResult(self.run_dir, self.step, loss, ips, val_loss, self.dist.world_size, main)
+        return TrainResult(self.run_dir, self.step, self.loss, ips, val_loss, self.dist.world_size, main)
+
+    def stop(self, signum: int, saved: bool) -> None:
+        """A stop signal after a whole step: save (unless this step just did), then end the run."""
+        if not saved:
+            if self.dist.is_main:
+                self.save_checkpoint()
+            self.barrier()  # no rank ends (and has torchrun stop the rest) before the save
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {SIGNAL_NAMES[signum]}"
+        raise TrainingInterrupted(f"{how} at step {self.step}; checkpoint saved. Resume with: clevrgen train --resume "
+                                  f"{self.run_dir}", exit_code=128 + signum)
 
 
 def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -532,25 +468,3 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-def checkpoint_note(run_dir: Path, kept: bool = False) -> str:
-    """What a failure left: the step of the intact ``state.pt`` (read back to be sure), or that
-    none was saved. ``kept``: the note of a stop that leaves the disk as it is (no "make room")."""
-    try:
-        step = int(torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)["step"])
-    except FileNotFoundError:
-        return "no checkpoint had been saved yet"
-    except Exception:
-        return f"{run_dir / STATE_FILE} cannot be read back"
-    if kept:
-        return f"the last good checkpoint, {run_dir / STATE_FILE} at step {step}, is kept"
-    return f"the last checkpoint, at step {step}, is intact. Make room, then resume with: clevrgen train --resume {run_dir}"
-
-
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget the records a killed run wrote after its last checkpoint: they are trained again."""
-    from clevrgen.report import read_metrics
-
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -13,6 +13,8 @@ EXAMPLES = """Examples:
   clevrgen export runs/cpu --out my-model            # ~half the size of the run's fp32 artifact
 
   clevrgen sample "red sphere" --checkpoint my-model
+
+  clevrgen export runs/final --out final-ema08 --ema-sigma-rel 0.08   # post-hoc EMA from the snapshots
 """
 
 
@@ -20,6 +22,8 @@ def export(
     run: Annotated[Path, typer.Argument(help="A run folder written by `clevrgen train` (or `latest`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write: new, empty, or an earlier export, which it replaces.")],
     fp32: Annotated[bool, typer.Option("--fp32", help="Keep the weights in fp32.")] = False,
+    ema_sigma_rel: Annotated[Optional[float], typer.Option("--ema-sigma-rel", min=0.001, max=0.279, help="Post-hoc EMA: export the power-function average of this relative length, synthesized from the run's snapshots (a run trained with train.ema_sigma_rels).")] = None,
+    step: Annotated[Optional[int], typer.Option("--step", min=1, max=10**9, help="With --ema-sigma-rel: the average at this snapshot's step. (default: the last)")] = None,
 ) -> None:
     from clevrgen.errors import UsageError
     from clevrgen.model import export_artifact, resolve_checkpoint
@@ -29,6 +33,19 @@ def export(
     if out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the run itself: give another folder")
     claim_folder(out, "model")
-    export_artifact(source, out, half=not fp32)
+    if ema_sigma_rel is not None:
+        from clevrgen.ema import posthoc_model
+        from clevrgen.model import save_artifact, training_data_of
+
+        model, config, weights = posthoc_model(source, ema_sigma_rel, step)
+        if not fp32:
+            model.unet.half()
+        record = {**training_data_of(source), "ema_sigma_rel": ema_sigma_rel, "posthoc_ema": weights}
+        record["steps"] = step or max(int(k[5:11]) for k in weights)
+        save_artifact(model, config, out, record)
+    elif step is not None:
+        raise UsageError("--step goes with --ema-sigma-rel (a post-hoc average); a run exports its last weights")
+    else:
+        export_artifact(source, out, half=not fp32)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB, {'fp32' if fp32 else 'fp16'} weights) from {source}")

@@ -1,0 +1,102 @@
+"""A run folder's bookkeeping: where its numbers go (``metrics.jsonl``, TensorBoard), its
+resumable state (``state.pt``) and what a failure left of it.
+
+    RUN/config.toml        the resolved config          RUN/state.pt       the resumable state
+    RUN/metrics.jsonl      the record                   RUN/snapshots/     EMA weights of past steps
+    RUN/tensorboard/       the same, for TensorBoard    RUN/unet/ ...      the artifact (clevrgen.model)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from clevrgen.errors import UsageError
+from clevrgen.output import append_jsonl, atomic_write_bytes, atomic_write_text
+
+STATE_FILE = "state.pt"
+SNAPSHOTS_DIR = "snapshots"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_second": "train/images_per_second",
+                    "val_loss": "eval/held_out_loss"}
+"""metrics.jsonl keys as TensorBoard tags; the rest (judge accuracies) go under eval/."""
+
+
+def write_state(run_dir: Path, state: dict) -> None:
+    """``state.pt``, atomically. torch.save to a full disk fails as a RuntimeError with no errno,
+    so the state is serialized to memory first and written as bytes (a plain OSError)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(run_dir / STATE_FILE, buffer.getbuffer())
+
+
+def read_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+class RunLog:
+    """Where a run's numbers go: ``metrics.jsonl`` (the record, one JSON object per line) and,
+    with ``train.tensorboard``, the same scalars and the sample grids in ``RUN/tensorboard/``."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, step: int = 0):
+        self.path = run_dir / METRICS_FILE
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run forgets the events written after its checkpoint, as metrics.jsonl does.
+            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
+
+    def write(self, record: dict) -> None:
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(TENSORBOARD_TAGS.get(key, f"eval/{key}"), value, record["step"])
+            self.writer.flush()
+
+    def grid(self, images: torch.Tensor, step: int) -> None:
+        """uint8 images [N, 3, H, W] as one image of the run's samples."""
+        if self.writer is not None:
+            from torchvision.utils import make_grid
+
+            self.writer.add_image("samples/new_test", make_grid(images, nrow=8), step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def require_tensorboard() -> None:
+    """``train.tensorboard`` needs the tensorboard package: say so before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("train.tensorboard needs the tensorboard package: pip install 'clevrgen[tensorboard]'")
+
+
+def checkpoint_note(run_dir: Path, kept: bool = False) -> str:
+    """What a failure left: the step of the intact ``state.pt`` (read back to be sure), or that
+    none was saved. ``kept``: the note of a stop that leaves the disk as it is (no "make room")."""
+    try:
+        step = int(torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)["step"])
+    except FileNotFoundError:
+        return "no checkpoint had been saved yet"
+    except Exception:
+        return f"{run_dir / STATE_FILE} cannot be read back"
+    if kept:
+        return f"the last good checkpoint, {run_dir / STATE_FILE} at step {step}, is kept"
+    return f"the last checkpoint, at step {step}, is intact. Make room, then resume with: clevrgen train --resume {run_dir}"
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the records a killed run wrote after its last checkpoint: they are trained again."""
+    from clevrgen.report import read_metrics
+
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
