@@ -218,3 +218,19 @@ def test_a_power_ema_run_keeps_snapshots_and_exports_any_length(runner, dataset,
     result = runner.invoke(app, ["export", str(tmp_path / "r"), "--out", str(tmp_path / "f"), "--ema-sigma-rel",
                                  "0.08", "--step", "5"])
     assert result.exit_code == 2 and "snapshots are at steps 2, 4, 6, 8" in result.output
+
+
+@pytest.mark.parametrize("extra", [[], TOKENS])
+def test_the_math_attention_kernel_is_the_same_math(extra):
+    from clevrgen.model import set_attention_kernel
+
+    cfg = tiny(*extra)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([3, 40])
+    labels = multi_hot([["red sphere", "cyan cube"], ["gray cube"]])
+    with torch.no_grad():
+        fused = model(x, t, labels)
+        set_attention_kernel(model, "math")
+        explicit = model(x, t, labels)
+    torch.testing.assert_close(fused, explicit, atol=1e-4, rtol=1e-4)

@@ -156,6 +156,16 @@ def warn_if_upsampled(cfg: ModelConfig) -> None:
              "model.patch_size = 2 keeps full 64x64 output at a similar cost")
 
 
+def set_attention_kernel(model: nn.Module, kernel: str) -> None:
+    """Every attention layer of ``model`` computes with ``kernel``: "sdpa" (torch's fused
+    scaled_dot_product_attention, diffusers' default) or "math" (explicit matmuls and softmax)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor() if kernel == "math" else AttnProcessor2_0())
+
+
 def unet_class(cfg: ModelConfig):
     from diffusers import UNet2DConditionModel, UNet2DModel
 

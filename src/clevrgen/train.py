@@ -29,7 +29,7 @@ from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interru
 from clevrgen.loss import diffusion_loss
 from clevrgen.model import (
     LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
-    training_data_of, warn_if_upsampled,
+    set_attention_kernel, training_data_of, warn_if_upsampled,
 )
 from clevrgen.output import WriteError, append_jsonl, atomic_write_text, run_lock
 from clevrgen.pipeline import SamplingStopped
@@ -163,6 +163,7 @@ class Trainer:
         elif cfg.train.init:
             self.training_data["init"] = init_from(self.model, cfg)
         self.model = self.model.to(self.device)
+        set_attention_kernel(self.model, cfg.train.attention_kernel)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.model, cfg) if self.dist.is_main else None
