@@ -213,6 +213,16 @@ def test_a_power_ema_run_keeps_snapshots_and_exports_any_length(runner, dataset,
     record = json.loads((tmp_path / "e" / "training_data.json").read_text())
     assert record["ema_sigma_rel"] == 0.08 and record["steps"] == 6 and len(record["posthoc_ema"]) == 6
     load_artifact(tmp_path / "e")
+    # the post-hoc sweep script scores synthesized lengths
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "posthoc_ema.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "r"), "--sigma-rels", "0.05", "0.12",
+                           "--passes", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "| 0.120 | 7 |" in done.stdout and (tmp_path / "r" / "posthoc" / "ema-0.120-step-last").is_dir()
     # resuming a power-EMA run continues its averages
     assert runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--set", "train.steps=8"]).exit_code == 0
     result = runner.invoke(app, ["export", str(tmp_path / "r"), "--out", str(tmp_path / "f"), "--ema-sigma-rel",
