@@ -188,8 +188,8 @@ def test_posthoc_ema_rebuilds_a_tracked_average_from_snapshots():
     snaps = []
     for t in range(1, 1201):
         param.data.copy_(path[t - 1])
-        tracked.update([param])
-        direct.update([param])
+        tracked.step([param])
+        direct.step([param])
         if t % 200 == 0:
             snaps += [(t, s, tracked.averages[i][0].clone()) for i, s in enumerate(tracked.sigma_rels)]
     x = posthoc_coefficients([s for s, _, _ in snaps], [r for _, r, _ in snaps], 1200, 0.07)

@@ -56,22 +56,24 @@ def posthoc_coefficients(steps: Sequence[int], sigma_rels: Sequence[float], targ
 
 
 class PowerEMA:
-    """Power-function EMAs of a model's parameters (and buffers, copied), one per ``sigma_rel``."""
+    """Power-function EMAs of a model's parameters, one per ``sigma_rel``, with the interface of
+    diffusers' ``EMAModel`` (``step``, ``copy_to``, ``to``, ``state_dict``) so the trainer treats
+    both alike; ``copy_to``'s ``index`` picks the average."""
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], sigma_rels: Sequence[float]):
         params = list(parameters)
         self.sigma_rels = list(sigma_rels)
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
         self.averages = [[p.detach().float().clone() for p in params] for _ in self.sigma_rels]
-        self.step = 0
+        self.updates = 0  # optimizer steps folded in so far
 
     @torch.no_grad()
-    def update(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+    def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Fold in the weights after one more optimizer step."""
-        self.step += 1
+        self.updates += 1
         params = [p.detach().float() for p in parameters]
         for gamma, average in zip(self.gammas, self.averages):
-            beta = (1 - 1 / self.step) ** (gamma + 1)
+            beta = (1 - 1 / self.updates) ** (gamma + 1)
             torch._foreach_lerp_(average, params, 1 - beta)
 
     @torch.no_grad()
@@ -84,13 +86,13 @@ class PowerEMA:
         return self
 
     def state_dict(self) -> dict:
-        return {"sigma_rels": self.sigma_rels, "step": self.step, "averages": self.averages}
+        return {"sigma_rels": self.sigma_rels, "step": self.updates, "averages": self.averages}
 
     def load_state_dict(self, state: dict) -> None:
         if [round(s, 9) for s in state["sigma_rels"]] != [round(s, 9) for s in self.sigma_rels]:
             raise ValueError(f"the checkpoint tracks EMAs of sigma_rel {state['sigma_rels']}, the config "
                              f"{self.sigma_rels}")
-        self.step = int(state["step"])
+        self.updates = int(state["step"])
         self.averages = [[a.clone() for a in average] for average in state["averages"]]
 
 

@@ -216,6 +216,8 @@ def _settled_dir(target: Path) -> Path:
 
 
 MODEL_INDEX = "model_index.json"
+PIPELINE_DEFAULTS = ("num_inference_steps", "guidance_scale", "precision", "max_objects")
+"""The settings a ClevrgenPipeline keeps in model_index.json beside its components."""
 STUB_MODULE = "pipeline_clevrgen"
 """A one-line module in every artifact, named by ``model_index.json``'s ``_class_name``, through
 which diffusers' own ``DiffusionPipeline.from_pretrained`` finds ``clevrgen.ClevrgenPipeline``."""

@@ -82,13 +82,11 @@ class ClevrgenPipeline(DiffusionPipeline):
         ``torch_dtype`` casts the weights as in any diffusers pipeline."""
         torch_dtype = kwargs.pop("torch_dtype", None)
         path = pretrained_model_name_or_path
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
         if path is None or (Path(path) / "config.toml").is_file() or str(path) in ("shipped", "latest"):
             pipe, _ = cls.from_run(path)
-            if kwargs:
-                raise TypeError(f"unexpected arguments for a clevrgen folder: {', '.join(kwargs)}")
         else:  # a folder of save_pretrained without clevrgen's config.toml
-            if kwargs:
-                raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
             pipe = cls._from_index(Path(path))
         return pipe.to(torch_dtype) if torch_dtype is not None else pipe
 
@@ -100,7 +98,7 @@ class ClevrgenPipeline(DiffusionPipeline):
         import json
 
         from clevrgen.errors import CheckpointError, first_line
-        from clevrgen.model import MODEL_INDEX
+        from clevrgen.model import MODEL_INDEX, PIPELINE_DEFAULTS
 
         try:
             index = json.loads((folder / MODEL_INDEX).read_text())
@@ -116,8 +114,7 @@ class ClevrgenPipeline(DiffusionPipeline):
                                   f"{MODEL_INDEX})") from None
         except Exception as exc:
             raise CheckpointError(f"cannot load the pipeline in {folder}: {first_line(exc)}") from None
-        defaults = {k: index[k] for k in ("num_inference_steps", "guidance_scale", "precision", "max_objects")
-                    if k in index}
+        defaults = {k: index[k] for k in PIPELINE_DEFAULTS if k in index}
         return cls(**components, **defaults)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
@@ -127,7 +124,7 @@ class ClevrgenPipeline(DiffusionPipeline):
         ``training_data.json``, so the saved folder is a clevrgen model folder too."""
         import shutil
 
-        from clevrgen.model import CONFIG_FILE, DATA_FILE, write_pipeline_index
+        from clevrgen.model import CONFIG_FILE, DATA_FILE, PIPELINE_DEFAULTS, write_pipeline_index
 
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
@@ -137,8 +134,7 @@ class ClevrgenPipeline(DiffusionPipeline):
             if source is not None and (Path(source) / name).is_file() and Path(source).resolve() != folder.resolve():
                 shutil.copyfile(Path(source) / name, folder / name)
         write_pipeline_index(folder, {n: getattr(self, n) for n in ("unet", "label_encoder", "scheduler")},
-                             {k: self.config[k] for k in ("num_inference_steps", "guidance_scale", "precision",
-                                                          "max_objects")})
+                             {k: self.config[k] for k in PIPELINE_DEFAULTS})
 
     # --- the model's geometry ----------------------------------------------------------------
     @property
@@ -299,8 +295,14 @@ def sample(model: torch.nn.Module, scheduler, labels: torch.Tensor, seeds: Seque
            callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Images in [-1, 1], [B, 3, H, W], for multi-hot ``labels`` [B, 24], image i from ``seeds[i]``:
     :class:`ClevrgenPipeline` around ``model``. ``callback(step, steps, x)`` sees the initial
-    noise (step 0) and the image after every step."""
-    pipe = pipeline_of(model, scheduler, autocast_dtype)
+    noise (step 0) and the image after every step. (``image_size`` is the model's own.)"""
+    return draw_seeded(pipeline_of(model, scheduler, autocast_dtype), labels, seeds, steps, guidance, callback)
+
+
+def draw_seeded(pipe: ClevrgenPipeline, labels: torch.Tensor, seeds: Sequence[int], steps: int, guidance: float,
+                callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """:func:`sample` with a pipeline in hand."""
+    scheduler = pipe.scheduler
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     noise = randn_tensor((len(seeds), 3, pipe.image_size, pipe.image_size), generator=gens, device=torch.device("cpu"))
@@ -418,7 +420,6 @@ class LoadedRun:
         for start in range(0, len(seeds), s.batch_size):  # in batches: a stop acts within a batch's step
             taken.clear()
             batch = slice(start, start + s.batch_size)
-            sample(self.pipe.denoiser(), self.pipe.scheduler, labels[batch], seeds[batch], s.steps, s.guidance,
-                   autocast_dtype=autocast_dtype(self.pipe.config.precision, self.device), callback=keep)
+            draw_seeded(self.pipe, labels[batch], seeds[batch], s.steps, s.guidance, callback=keep)
             rows.append(torch.stack(taken, dim=1))
         return torch.cat(rows)

@@ -167,6 +167,7 @@ class Trainer:
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.model, cfg) if self.dist.is_main else None
+        self.power_ema = bool(cfg.train.ema_sigma_rels)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_decay_steps, cfg.train.lr_final))
@@ -204,23 +205,14 @@ class Trainer:
         self.optimizer.step()
         self.lr_schedule.step()
         if self.ema is not None:
-            self.ema_update()
+            self.ema.step(self.model.parameters())
         self.step += 1
         return loss.detach()
-
-    def ema_update(self) -> None:
-        if hasattr(self.ema, "update"):  # a PowerEMA
-            self.ema.update(self.model.parameters())
-        else:
-            self.ema.step(self.model.parameters())
 
     def ema_model(self, index: int = 0) -> LabelConditionedUNet:
         """A copy of the model holding the EMA weights (with power EMAs: the ``index``-th)."""
         model = copy.deepcopy(self.model).float().to(memory_format=torch.contiguous_format)
-        if hasattr(self.ema, "update"):
-            self.ema.copy_to(model.parameters(), index)
-        else:
-            self.ema.copy_to(model.parameters())
+        self.ema.copy_to(model.parameters(), *([index] if self.power_ema else []))
         return model.eval()
 
     # --- the run's bookkeeping -----------------------------------------------------------------
@@ -249,7 +241,7 @@ class Trainer:
         synthesizes an average of any other length."""
         folder = self.run_dir / SNAPSHOTS_DIR / f"step-{self.step:06d}"
         record = {**self.training_data, "steps": self.step}
-        if not hasattr(self.ema, "update"):
+        if not self.power_ema:
             model = self.ema_model()
             model.unet.half()
             save_artifact(model, self.cfg, folder, record)
