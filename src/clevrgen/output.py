@@ -283,6 +283,9 @@ FOLDER_KINDS = {
 }
 NAME_MAX = 255
 """The longest file or folder name (in bytes) that Linux, macOS and Windows file systems take."""
+OWN_OUTPUT = {"run": "a run it started without a checkpoint", "model": "an earlier export",
+              "evaluation": "an earlier evaluation", "dataset": "an earlier render of the same settings",
+              "judge": "an earlier judge's folder"}
 # Files clevrgen leaves in any folder it writes, which say nothing about what the folder is.
 _INCIDENTAL = {LOCK_FILE, ".DS_Store"}
 
@@ -332,8 +335,8 @@ def claim_folder(folder: Path | str, kind: str, option: str = "--out") -> None:
     found = folder_kind(folder)
     if found is None or found == kind:
         return
-    raise UsageError(f"{option} {folder} already holds {describe_folder(folder)}; it is written only when new, "
-                     f"empty or {FOLDER_KINDS[kind]}'s own earlier output: choose another {option}")
+    raise UsageError(f"{option} {folder} already holds {describe_folder(folder)}; this command writes only into a "
+                     f"new or empty folder or {OWN_OUTPUT[kind]}: choose another {option}")
 
 
 def output_file(path: Path | str) -> Path:
