@@ -5,7 +5,7 @@ i-CLEVR images with one shared schedule (``SCHEDULE``) and one seed: the arms dr
 batches, the same label dropout, the same timesteps and the same noise, so they differ only in
 their design.
 
-    python benchmarks/trials.py speed [ARM ...]         # train img/s and UNet-pass img/s, one run
+    python benchmarks/trials.py speed [ARM ...] [--set KEY=VALUE]  # train img/s and UNet-pass img/s, one run
     python benchmarks/trials.py train ARM [ARM ...]     # train (or resume) each in turn
     OMP_NUM_THREADS=1 nohup python benchmarks/trials.py train b-adagn e-immiscible > b.log &  # one slot
     python benchmarks/trials.py score ARM [--guidance 2 4 7]   # sweep on seed 20000, report on 30000
@@ -123,8 +123,9 @@ def score(arm: str, guidances: list[float], checkpoint: str | None) -> None:
     print(json.dumps(record), flush=True)
 
 
-def speed(arms: list[str], steps: int) -> None:
-    """Every arm's training step and UNet pass timed in one process, one after the other."""
+def speed(arms: list[str], steps: int, extra: list[str]) -> None:
+    """Every arm's training step and UNet pass timed in one process, one after the other (each
+    with the ``extra`` overrides too: a combination, or the final recipe's attention kernel)."""
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -135,7 +136,7 @@ def speed(arms: list[str], steps: int) -> None:
 
     rows = []
     for arm in arms:
-        cfg = load_config("cpu", [s for s in overrides(arm) if not s.startswith("data.")])
+        cfg = load_config("cpu", [s for s in overrides(arm) if not s.startswith("data.")] + extra)
         params = sum(p.numel() for p in build_model(cfg.model).parameters())
         r = time_setting(cfg, steps, 32)
         rows.append({"arm": arm, "parameters": params, **r})
@@ -165,6 +166,8 @@ def main() -> None:
     p = sub.add_parser("speed")
     p.add_argument("arms", nargs="*", default=list(ARMS))
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every arm timed, e.g. --set train.attention_kernel='math'")
     p = sub.add_parser("train")
     p.add_argument("arms", nargs="+")
     p = sub.add_parser("score")
@@ -175,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.command == "speed":
-        speed(args.arms, args.steps)
+        speed(args.arms, args.steps, args.extra)
     elif args.command == "train":
         train(args.arms)
     elif args.command == "score":
