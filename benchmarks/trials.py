@@ -1,7 +1,7 @@
 """Paired trials of generator designs at equal training images (and, through img/s, equal time).
 
-Every arm is ``configs/cpu.toml`` with a few ``--set`` overrides, trained from scratch on the real
-i-CLEVR images with one shared schedule (``SCHEDULE``) and one seed: the arms draw the same
+Every arm is ``benchmarks/trial_base.toml`` (``configs/cpu.toml`` as the trials began) with a few
+``--set`` overrides, trained from scratch on the real i-CLEVR images with one shared schedule (``SCHEDULE``) and one seed: the arms draw the same
 batches, the same label dropout, the same timesteps and the same noise, so they differ only in
 their design.
 
@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "trials"
 DATA = ROOT.parent / "shared" / "iclevr"
+BASE = ROOT / "benchmarks" / "trial_base.toml"
 ADAGN = "model.resnet_time_scale_shift='scale_shift'"
 
 ARMS: dict[str, list[str]] = {
@@ -83,7 +84,7 @@ def train(arms: list[str]) -> None:
             result = clevrgen("train", "--resume", str(run))
         else:
             run.parent.mkdir(parents=True, exist_ok=True)
-            result = clevrgen("train", "--config", "cpu", *sets, "--out", str(run))
+            result = clevrgen("train", "--config", str(BASE), *sets, "--out", str(run))
         if result.returncode:
             sys.exit(result.returncode)
 
@@ -136,7 +137,7 @@ def speed(arms: list[str], steps: int, extra: list[str]) -> None:
 
     rows = []
     for arm in arms:
-        cfg = load_config("cpu", [s for s in overrides(arm) if not s.startswith("data.")] + extra)
+        cfg = load_config(BASE, [s for s in overrides(arm) if not s.startswith("data.")] + extra)
         params = sum(p.numel() for p in build_model(cfg.model).parameters())
         r = time_setting(cfg, steps, 32)
         rows.append({"arm": arm, "parameters": params, **r})
