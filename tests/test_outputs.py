@@ -146,3 +146,20 @@ def test_claim_allows_new_empty_and_same_kind(tmp_path, model_dir):
     (tmp_path / "empty").mkdir()
     claim_folder(tmp_path / "empty", "dataset")
     claim_folder(model_dir, "model")
+
+
+def test_export_sets_only_the_models_sampling_defaults(runner, tmp_path, model_dir):
+    from clevrgen.pipeline import ClevrgenPipeline
+
+    args = ["export", model_dir, "--out", tmp_path / "exp", "--set", "sample.guidance=5.5", "--set", "sample.steps=9"]
+    expect(runner, args, 0, "wrote")
+    pipe = ClevrgenPipeline.from_pretrained(tmp_path / "exp")
+    assert (pipe.config.guidance_scale, pipe.config.num_inference_steps) == (5.5, 9)
+    assert load_config(tmp_path / "exp" / "config.toml").sample.guidance == 5.5
+    # the architecture and training are the run's: refused before anything is written
+    expect(runner, ["export", model_dir, "--out", tmp_path / "x", "--set", "model.patch_size=1"], 2,
+           "only its sampling defaults")
+    expect(runner, ["export", model_dir, "--out", tmp_path / "x", "--set", "sample.guidance=500"], 2, "--set")
+    expect(runner, ["export", model_dir, "--out", tmp_path / "x", "--set", "sample.steps=5000"], 2,
+           "training timesteps")
+    assert not (tmp_path / "x").exists()

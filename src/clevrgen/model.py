@@ -18,7 +18,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from clevrgen.config import Config, ModelConfig, load_config, to_toml
+from clevrgen.config import Config, ModelConfig, SampleConfig, load_config, to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.labels import COLORS, NUM_CLASSES, SHAPES
 from clevrgen.output import atomic_write_text
@@ -414,10 +414,13 @@ def describe_model(run_dir: Path) -> str:
     return name + (f" ({', '.join(facts)})" if facts else "")
 
 
-def export_artifact(run: Path, out: Path, half: bool = True) -> None:
+def export_artifact(run: Path, out: Path, half: bool = True, sample: SampleConfig | None = None) -> None:
     """Copy a run's sampling artifact (no training state) to ``out``, its weights as fp16 with
-    ``half``: what ships in the package, about half the size of the fp32 artifact."""
+    ``half``: what ships in the package, about half the size of the fp32 artifact. ``sample``
+    (default: the run's) becomes the export's sampling defaults."""
     model, config = load_artifact(run)
+    if sample is not None:
+        config = config.model_copy(update={"sample": sample})
     if half:
         model.unet.half()  # the label encoder is tiny and stays fp32
     training_data = training_data_of(artifact_dir(run)) or None

@@ -15,6 +15,8 @@ EXAMPLES = """Examples:
   clevrgen sample "red sphere" --checkpoint my-model
 
   clevrgen export runs/final --out final-ema08 --ema-sigma-rel 0.08   # post-hoc EMA from the snapshots
+
+  clevrgen export runs/final --out my-model --set sample.guidance=5 --set sample.steps=25   # its defaults
 """
 
 
@@ -24,20 +26,30 @@ def export(
     fp32: Annotated[bool, typer.Option("--fp32", help="Keep the weights in fp32.")] = False,
     ema_sigma_rel: Annotated[Optional[float], typer.Option("--ema-sigma-rel", min=0.001, max=0.279, help="Post-hoc EMA: export the power-function average of this relative length, synthesized from the run's snapshots (a run trained with train.ema_sigma_rels).")] = None,
     step: Annotated[Optional[int], typer.Option("--step", min=1, max=10**9, help="With --ema-sigma-rel: the average at this snapshot's step. (default: the last)")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="The exported model's own sampling defaults, e.g. --set sample.guidance=5 (sample.* only; repeatable).")] = None,
 ) -> None:
+    from clevrgen.commands._options import resolve_run_config
     from clevrgen.errors import UsageError
     from clevrgen.model import export_artifact, resolve_checkpoint
     from clevrgen.output import claim_folder
+    from clevrgen.pipeline import check_sample_steps
 
     source = resolve_checkpoint(run)
     if out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the run itself: give another folder")
+    for item in overrides or []:
+        if not item.strip().startswith("sample."):
+            raise UsageError(f"--set {item}: an export may change only its sampling defaults (sample.*); "
+                             "the rest is the run's")
+    chosen = resolve_run_config(source, overrides, False)  # the run's config with the new defaults
+    check_sample_steps(chosen)
     claim_folder(out, "model")
     if ema_sigma_rel is not None:
         from clevrgen.ema import posthoc_model
         from clevrgen.model import save_artifact, training_data_of
 
         model, config, weights = posthoc_model(source, ema_sigma_rel, step)
+        config = config.model_copy(update={"sample": chosen.sample})
         if not fp32:
             model.unet.half()
         record = {**training_data_of(source), "ema_sigma_rel": ema_sigma_rel, "posthoc_ema": weights}
@@ -46,6 +58,6 @@ def export(
     elif step is not None:
         raise UsageError("--step goes with --ema-sigma-rel (a post-hoc average); a run exports its last weights")
     else:
-        export_artifact(source, out, half=not fp32)
+        export_artifact(source, out, half=not fp32, sample=chosen.sample)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB, {'fp32' if fp32 else 'fp16'} weights) from {source}")
