@@ -1,9 +1,9 @@
 """Paired trials of generator designs at equal training images (and, through img/s, equal time).
 
 Every arm is ``benchmarks/trial_base.toml`` (``configs/cpu.toml`` as the trials began) with a few
-``--set`` overrides, trained from scratch on the real i-CLEVR images with one shared schedule (``SCHEDULE``) and one seed: the arms draw the same
-batches, the same label dropout, the same timesteps and the same noise, so they differ only in
-their design.
+``--set`` overrides, trained from scratch on the real i-CLEVR images with one shared schedule
+(``SCHEDULE``) and one seed: the arms draw the same batches, the same label dropout, the same
+timesteps and the same noise, so they differ only in their design.
 
     python benchmarks/trials.py speed [ARM ...] [--set KEY=VALUE]  # train img/s and UNet-pass img/s, one run
     python benchmarks/trials.py train ARM [ARM ...]     # train (or resume) each in turn

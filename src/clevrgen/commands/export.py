@@ -48,13 +48,12 @@ def export(
         from clevrgen.ema import posthoc_model
         from clevrgen.model import save_artifact, training_data_of
 
-        model, config, weights = posthoc_model(source, ema_sigma_rel, step)
-        config = config.model_copy(update={"sample": chosen.sample})
+        model, _, weights = posthoc_model(source, ema_sigma_rel, step)
         if not fp32:
             model.unet.half()
         record = {**training_data_of(source), "ema_sigma_rel": ema_sigma_rel, "posthoc_ema": weights}
         record["steps"] = step or max(int(k[5:11]) for k in weights)
-        save_artifact(model, config, out, record)
+        save_artifact(model, chosen, out, record)
     elif step is not None:
         raise UsageError("--step goes with --ema-sigma-rel (a post-hoc average); a run exports its last weights")
     else:
