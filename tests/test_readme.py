@@ -34,3 +34,33 @@ def test_the_readme_python_section_runs(tmp_path, monkeypatch):
     assert len(namespace["grid"]) == 4 and namespace["grid"][0].size == (64, 64)
     assert len(namespace["same"]) == 4
     assert isinstance(namespace["pipe"], ClevrgenPipeline) and namespace["pipe"].unet.dtype == torch.float32
+
+
+def test_the_readme_diffusers_alone_lines_reproduce_the_model(tmp_path, monkeypatch):
+    """The README's denoiser call with diffusers alone, on a tiny run of cpu.toml's design (2x2
+    patches, tokens), gives what clevrgen's own model gives."""
+    import torch
+
+    from clevrgen.config import load_config
+    from clevrgen.labels import multi_hot
+    from clevrgen.model import build_model, save_artifact
+
+    from conftest import TINY
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("One denoiser call with diffusers"):]
+    start = section.index("```python") + len("```python")
+    code = section[start:section.index("```\n", start)]
+    cfg = load_config(None, [*TINY, "model.patch_size=2", "model.cross_attention=[false, true, true]",
+                             "model.token_dim=16", "model.cross_attention_head_dim=8",
+                             "model.resnet_time_scale_shift='scale_shift'"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    save_artifact(model, cfg, tmp_path / "runs" / "cpu")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    with torch.no_grad():
+        ours = model(namespace["x"], namespace["t"], multi_hot([["red sphere", "cyan cube"]]))
+    torch.testing.assert_close(namespace["v"], ours, atol=1e-5, rtol=0)
