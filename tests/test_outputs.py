@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from clevrgen.config import load_config
+from clevrgen.errors import UsageError
 from clevrgen.model import build_model, save_artifact
 from clevrgen.output import claim_folder, folder_kind, output_file
 
@@ -146,6 +147,17 @@ def test_claim_allows_new_empty_and_same_kind(tmp_path, model_dir):
     (tmp_path / "empty").mkdir()
     claim_folder(tmp_path / "empty", "dataset")
     claim_folder(model_dir, "model")
+
+
+def test_a_stopped_evaluations_folder_is_its_own_to_resume(tmp_path):
+    """An evaluation stopped part way leaves only its finished passes: running it again resumes
+    there, and no other command takes the folder for its own."""
+    (tmp_path / "ev" / ".passes").mkdir(parents=True)
+    (tmp_path / "ev" / ".passes" / "seed-0.safetensors").write_bytes(b"x")
+    assert folder_kind(tmp_path / "ev") == "evaluation"
+    claim_folder(tmp_path / "ev", "evaluation")
+    with pytest.raises(UsageError, match="an evaluation"):
+        claim_folder(tmp_path / "ev", "dataset")
 
 
 def test_export_sets_only_the_models_sampling_defaults(runner, tmp_path, model_dir):

@@ -13,7 +13,7 @@ import torch
 from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
 from clevrgen.model import describe_model
 from clevrgen.pipeline import LoadedRun
-from clevrgen.output import atomic_path, atomic_write_bytes, atomic_write_text, strict_json
+from clevrgen.output import PASSES_DIR, atomic_path, atomic_write_bytes, atomic_write_text, strict_json
 
 
 def write_image_folder(out: Path, images: torch.Tensor, scenes: list[list[str]]) -> None:
@@ -35,9 +35,6 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int = 8) -> None:
 
     with atomic_path(path) as tmp:
         save_image(images.float() / 255, tmp, nrow=per_row, padding=2, format="png")
-
-
-PASSES_DIR = ".passes"
 
 
 def pass_key(pipeline: LoadedRun, scenes: list[list[str]]) -> str:

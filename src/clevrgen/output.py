@@ -288,6 +288,8 @@ OWN_OUTPUT = {"run": "a run it started without a checkpoint", "model": "an earli
               "judge": "an earlier judge's folder"}
 # Files clevrgen leaves in any folder it writes, which say nothing about what the folder is.
 _INCIDENTAL = {LOCK_FILE, ".DS_Store"}
+PASSES_DIR = ".passes"
+"""An evaluation's finished passes, kept until it is done: a stopped evaluation resumes from them."""
 
 
 def folder_kind(folder: Path) -> str | None:
@@ -300,7 +302,7 @@ def folder_kind(folder: Path) -> str | None:
     weights = any(n.endswith(".safetensors") for n in names)
     if "state.pt" in names or ({"metrics.jsonl", "config.toml"} <= names and not weights):
         return "run"
-    if "results.json" in names:
+    if "results.json" in names or PASSES_DIR in names:  # done, or stopped part way
         return "evaluation"
     if "config.toml" in names and ({"unet", "model_index.json"} & names):
         return "model"
