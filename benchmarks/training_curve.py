@@ -11,7 +11,10 @@ runs' steps and minutes count on from there.
 The runs must have been trained with ``train.eval_splits`` (configs/cpu.toml scores test and
 new_test every ``eval_every`` steps, sampled from seed 0 with the config's sampler). Minutes are
 training time: each log window's images over its measured images/s; the sampling for the
-evaluations is not counted.
+evaluations is not counted. A run whose windows include pauses or cores shared with other work
+is timed at one speed instead, measured on the idle machine (``--speed``, images/s):
+
+    python benchmarks/training_curve.py runs/final --speed 55.8 --png docs/training_curve.png
 """
 
 from __future__ import annotations
@@ -48,8 +51,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stages", nargs="+", type=stage, metavar="RUN[:STEP]")
     parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: RUN/accuracy.png)")
+    parser.add_argument("--speed", type=float, default=None,
+                        help="minutes as images over this many images/s, not the logged windows' speeds")
     args = parser.parse_args()
     rows, splits = chained_curve(args.stages)
+    if args.speed:
+        batch = load_config(args.stages[-1][0] / "config.toml").train.batch_size
+        rows = [{**r, "minutes": r["step"] * batch / args.speed / 60} for r in rows]
     header = "| step | minutes | " + " | ".join(f"{s} top-k | {s} exact" for s in splits) + " |"
     print(header)
     print("|" + " --- |" * (2 + 2 * len(splits)))
