@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--speed", type=float, default=None,
                         help="minutes as images over this many images/s, not the logged windows' speeds")
     args = parser.parse_args()
+    if args.speed is not None and not args.speed > 0:
+        parser.error(f"--speed: images/s must be above 0 (got {args.speed})")
     rows, splits = chained_curve(args.stages)
     if args.speed:
         batch = load_config(args.stages[-1][0] / "config.toml").train.batch_size

@@ -37,6 +37,8 @@ TINY = [
     "sample.device='cpu'",
     "data.val_fraction=0.25",
 ]
+# TINY's UNet with per-object tokens: a UNet2DConditionModel attending at its two lower levels.
+TOKENS = ["model.cross_attention=[false, true, true]", "model.token_dim=16", "model.cross_attention_head_dim=8"]
 
 
 def write_dataset(root: Path, scenes: int = 4, seed: int = 0) -> Path:

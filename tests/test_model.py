@@ -15,9 +15,7 @@ from clevrgen.labels import multi_hot
 from clevrgen.loss import assign_noise, diffusion_loss, draw_timesteps, loss_weights, sigmas_of
 from clevrgen.model import LabelEncoder, build_model, load_artifact, save_artifact
 
-from conftest import TINY
-
-TOKENS = ["model.cross_attention=[false, true, true]", "model.token_dim=16", "model.cross_attention_head_dim=8"]
+from conftest import TINY, TOKENS
 
 
 def tiny(*extra):

@@ -3,6 +3,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def readme_python(after: str) -> str:
+    """The README's first Python block after the text ``after``, as written."""
+    section = (ROOT / "README.md").read_text().split(after, 1)[1]
+    start = section.index("```python") + len("```python")
+    return section[start:section.index("```\n", start)]
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
@@ -19,10 +26,7 @@ def test_the_readme_python_section_runs(tmp_path, monkeypatch):
 
     from conftest import TINY
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### From Python"):]
-    start = section.index("```python") + len("```python")
-    code = section[start:section.index("```\n", start)]
+    code = readme_python("### From Python")
     cfg = load_config(None, [*TINY, "model.patch_size=2"])
     save_artifact(build_model(cfg.model).eval(), cfg, tmp_path / "tiny")
     real = ClevrgenPipeline.from_pretrained.__func__
@@ -45,15 +49,10 @@ def test_the_readme_diffusers_alone_lines_reproduce_the_model(tmp_path, monkeypa
     from clevrgen.labels import multi_hot
     from clevrgen.model import build_model, save_artifact
 
-    from conftest import TINY
+    from conftest import TINY, TOKENS
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("One denoiser call with diffusers"):]
-    start = section.index("```python") + len("```python")
-    code = section[start:section.index("```\n", start)]
-    cfg = load_config(None, [*TINY, "model.patch_size=2", "model.cross_attention=[false, true, true]",
-                             "model.token_dim=16", "model.cross_attention_head_dim=8",
-                             "model.resnet_time_scale_shift='scale_shift'"])
+    code = readme_python("One denoiser call with diffusers")
+    cfg = load_config(None, [*TINY, *TOKENS, "model.patch_size=2", "model.resnet_time_scale_shift='scale_shift'"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     save_artifact(model, cfg, tmp_path / "runs" / "cpu")
