@@ -73,7 +73,7 @@ needs_shipped = pytest.mark.skipif(not (SHIPPED_MODEL / "config.toml").is_file()
 @needs_shipped
 def test_the_shipped_model_is_small_fp16_and_on_full_resolution():
     files = [p for p in SHIPPED_MODEL.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20  # issue 22's cap for the generator in fp16
     _, config = load_artifact(SHIPPED_MODEL)
     assert config.model.image_size == 64
     record = json.loads((SHIPPED_MODEL / "training_data.json").read_text())
