@@ -124,6 +124,23 @@ def test_a_resume_takes_the_configs_lr(tmp_path, dataset):
     assert lrs == pytest.approx([1e-3, 1e-3, 2e-4])
 
 
+def test_the_optimizer_is_fused_and_a_run_saved_without_it_resumes_fused(tmp_path, dataset):
+    """A checkpoint of the loop AdamW (runs from before the fused kernel) resumes with its moments
+    and continues on the fused kernel, which load_state_dict alone would turn off."""
+    data = load_iclevr(dataset, progress=False)
+    train(tiny_config("train.steps=2"), tmp_path / "run", data, progress=False)
+    path = tmp_path / "run" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["fused"]
+    state["optimizer"]["param_groups"][0]["fused"] = None  # as the loop kernel saved it
+    torch.save(state, path)
+    resumed = Trainer(tiny_config("train.steps=3"), tmp_path / "run", data, progress=False, resume=True)
+    resumed.load_checkpoint()
+    assert resumed.optimizer.param_groups[0]["fused"]
+    moments = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(moments[i]["exp_avg"], saved["exp_avg"]) for i, saved in state["optimizer"]["state"].items())
+
+
 def test_init_starts_from_a_trained_model_and_checks_its_architecture(tmp_path, dataset):
     data = load_iclevr(dataset, progress=False)
     source = tmp_path / "source"

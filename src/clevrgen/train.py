@@ -123,6 +123,13 @@ def make_ema(model: torch.nn.Module, cfg: Config):
     return EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW, with PyTorch's fused kernel on the CPU and CUDA: the same update as the loop (to
+    fp32 rounding) in one pass over each parameter, ~3x faster on 2 CPU cores (docs/benchmarks.md)."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda") or None
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+
+
 class Trainer:
     """Owns the model, EMA, optimizer and run folder of one training run."""
 
@@ -168,7 +175,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.model, cfg) if self.dist.is_main else None
         self.power_ema = bool(cfg.train.ema_sigma_rels)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = make_optimizer(self.model, cfg)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_decay_steps, cfg.train.lr_final))
         self.noise_scheduler = training_scheduler(cfg.diffusion)
@@ -260,12 +267,14 @@ class Trainer:
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
                 self.ema.to(self.device)
-            self.optimizer.load_state_dict(state["optimizer"])
+            fused = self.optimizer.param_groups[0]["fused"]
+            self.optimizer.load_state_dict(state["optimizer"])  # (it also loads the saved run's kernel)
             self.lr_schedule.load_state_dict(state["lr_schedule"])
             # The config's lr governs a resumed run too (``--set train.lr=...``), not the saved one.
             self.lr_schedule.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
             for group, factor in zip(self.optimizer.param_groups, self.lr_schedule.lr_lambdas):
                 group["lr"] = self.cfg.train.lr * factor(self.lr_schedule.last_epoch)
+                group["fused"] = fused
             self.step = int(state["step"])
             if "window" in state:
                 self.window_loss = state["window"]["loss"].to(self.device)
