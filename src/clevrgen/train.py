@@ -268,9 +268,10 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
                 self.ema.to(self.device)
             fused = self.optimizer.param_groups[0]["fused"]
-            self.optimizer.load_state_dict(state["optimizer"])  # (it also loads the saved run's kernel)
+            self.optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
-            # The config's lr governs a resumed run too (``--set train.lr=...``), not the saved one.
+            # The config's lr (``--set train.lr=...``) and this machine's AdamW kernel govern a
+            # resumed run, not the saved run's, which load_state_dict brought back.
             self.lr_schedule.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
             for group, factor in zip(self.optimizer.param_groups, self.lr_schedule.lr_lambdas):
                 group["lr"] = self.cfg.train.lr * factor(self.lr_schedule.last_epoch)
