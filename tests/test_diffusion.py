@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -139,6 +140,27 @@ def test_the_optimizer_is_fused_and_a_run_saved_without_it_resumes_fused(tmp_pat
     assert resumed.optimizer.param_groups[0]["fused"]
     moments = resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(moments[i]["exp_avg"], saved["exp_avg"]) for i, saved in state["optimizer"]["state"].items())
+
+
+@pytest.mark.parametrize("has_kernels", [True, False])
+def test_bf16_computes_in_fp32_on_a_cpu_without_bf16_kernels(monkeypatch, dataset, has_kernels):
+    """On an AVX2-only CPU, bf16 autocast falls back to reference loops (a cpu.toml step 25x slower
+    than fp32): there "bf16" trains and samples in fp32, and training says so once."""
+    from clevrgen import runtime
+    from clevrgen.errors import ClevrgenWarning
+
+    assert isinstance(runtime.cpu_has_kernels(torch.bfloat16), bool)  # the real check answers here
+    monkeypatch.setattr(runtime, "cpu_has_kernels", lambda dtype: has_kernels)
+    cpu = torch.device("cpu")
+    assert runtime.autocast_dtype("bf16", cpu) == (torch.bfloat16 if has_kernels else None)
+    assert runtime.autocast_dtype("fp32", cpu) is None and runtime.autocast_dtype("auto", cpu) is None
+    data = load_iclevr(dataset, progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer = Trainer(tiny_config("train.precision='bf16'"), None, data, progress=False)
+    said = [str(w.message) for w in seen if issubclass(w.category, ClevrgenWarning) and "kernels" in str(w.message)]
+    assert trainer.amp_dtype == (torch.bfloat16 if has_kernels else None)
+    assert len(said) == (0 if has_kernels else 1) and all("computing in fp32" in m for m in said)
 
 
 def test_init_starts_from_a_trained_model_and_checks_its_architecture(tmp_path, dataset):

@@ -145,7 +145,11 @@ def test_a_run_folder_is_a_pipeline_folder(tiny_model, tmp_path):
     b = DiffusionPipeline.from_pretrained(tmp_path / "run", trust_remote_code=True)
     for p in (a, b):
         p.set_progress_bar_config(disable=True)
-    assert torch.equal(a(SCENES[0], seed=1, output_type="pt").images, b(SCENES[0], seed=1, output_type="pt").images)
+    # The same weights and loop, to rounding: diffusers' loader leaves the weights in the
+    # memory-mapped file, not 64-byte aligned, and on an AVX2 AMD EPYC the kernels' unaligned path
+    # moved the images by 3.6e-7 (bit-equal once the weights were copied to aligned memory).
+    torch.testing.assert_close(a(SCENES[0], seed=1, output_type="pt").images,
+                               b(SCENES[0], seed=1, output_type="pt").images, rtol=0, atol=1e-5)
     assert a.config.num_inference_steps == cfg.sample.steps
 
 

@@ -332,7 +332,7 @@ def train_judge(
     if len(train) == 0:
         raise ValueError("train_judge needs at least one training image")
     device = resolve_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
+    dtype = autocast_dtype(cfg.precision, device, warn_fallback=True)
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_judge() if cfg.init is None else load_judge(cfg.init).train()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clevrgen.errors import UsageError
+from clevrgen.errors import UsageError, warn
 
 if TYPE_CHECKING:
     import torch
@@ -33,13 +33,37 @@ def resolve_device(name: str = "auto") -> "torch.device":
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: "torch.device") -> "torch.dtype | None":
-    """The autocast dtype for a precision setting, or None for plain fp32."""
+def cpu_has_kernels(dtype: "torch.dtype") -> bool:
+    """Whether this CPU runs ``dtype``'s autocast ops (convolutions, matmuls) in oneDNN's kernels:
+    bf16 needs AVX512 (native with AVX512-BF16 or AMX) or ARM's bf16, fp16 AVX512-FP16 or AMX-FP16.
+    Without them PyTorch falls back to reference loops: a bf16 training step of ``cpu.toml`` ran
+    25x slower than fp32 on an AVX2-only AMD EPYC (docs/benchmarks.md)."""
+    import torch
+
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a torch that cannot tell: trust the setting
+        return True
+
+
+def autocast_dtype(precision: str, device: "torch.device", warn_fallback: bool = False) -> "torch.dtype | None":
+    """The autocast dtype for a precision setting, or None for plain fp32. "auto" is bf16 on CUDA
+    and fp32 on the CPU. "bf16" and "fp16" mean that precision where the device has kernels for
+    it: on a CPU without them (:func:`cpu_has_kernels`) they compute in fp32, which gives the same
+    images within rounding and is many times faster there; ``warn_fallback`` says so (training)."""
     import torch
 
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype is not None and device.type == "cpu" and not cpu_has_kernels(dtype):
+        if warn_fallback:
+            warn(f"precision = {precision!r}: this CPU has no {precision} kernels (PyTorch sees "
+                 f"{torch.backends.cpu.get_cpu_capability()}, no AVX512 or AMX), where {precision} runs many times "
+                 "slower than fp32: computing in fp32")
+        return None
+    return dtype
 
 
 def autocast(device: "torch.device", dtype: "torch.dtype | None") -> contextlib.AbstractContextManager:

@@ -136,7 +136,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, data: ImageSet, progress: bool = True, resume: bool = False):
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
-        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device, warn_fallback=self.dist.is_main)
         from clevrgen.pipeline import check_sample_steps
 
         check_sample_steps(cfg)  # the sample grids and accuracy checks draw with sample.steps
