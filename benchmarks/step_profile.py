@@ -57,9 +57,13 @@ def clock_ghz() -> float:
     return float("nan")
 
 
-def nominal_peak(threads: int) -> tuple[float, str]:
+def nominal_peak(threads: int, bf16: bool = True) -> tuple[float, str]:
+    """The nominal peak of the precision the step computes in (``bf16``, else fp32)."""
     flags = cpu_flags()
-    if "amx_bf16" in flags:
+    if not bf16:
+        per_cycle, what = (64, "AVX512 FMA fp32 (two 512-bit units), 64") if "avx512f" in flags else (32, "FMA fp32, 32")
+        what += " FLOP/cycle/core"
+    elif "amx_bf16" in flags:
         per_cycle, what = 1024, "AMX-BF16, 1024 FLOP/cycle/core"
     elif "avx512_bf16" in flags:
         per_cycle, what = 64, "AVX512-BF16 (Zen 4: 2 x 256-bit), 64 FLOP/cycle/core"
@@ -128,10 +132,11 @@ def main() -> None:
     optimizer_ms = {kind: round(time_optimizer(model, kind) * 1e3, 1) for kind in ("loop", "fused")}
 
     threads = torch.get_num_threads()
-    peak, how = nominal_peak(threads)
+    peak, how = nominal_peak(threads, bf16=trainer.amp_dtype == torch.bfloat16)
     result = {
         "config": args.config, "overrides": args.overrides, "cpu": machine(), "threads": threads,
         "torch": torch.__version__, "precision": cfg.train.precision,
+        "computed_in": str(trainer.amp_dtype or torch.float32).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_step_gflop": round(step_flops / 1e9, 2), "train_gflop_per_image": round(step_flops / b / 1e9, 3),
         "train_images_per_second": round(b / step_s, 1), "train_gflops_achieved": round(step_flops / step_s / 1e9, 1),

@@ -42,7 +42,8 @@ class ClevrgenPipeline(DiffusionPipeline):
         scheduler: the sampler (DPM-Solver++ for the shipped model); swap it as in any pipeline,
             ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``.
         num_inference_steps, guidance_scale: the defaults of ``__call__`` (the model's chosen settings).
-        precision: autocast while sampling: "bf16", "fp16", "fp32", or "auto" (bf16 on CUDA).
+        precision: autocast while sampling: "bf16", "fp16", "fp32", or "auto" (bf16 on CUDA). On a
+            CPU without bf16 (fp16) kernels, such as an AVX2-only one, "bf16" ("fp16") samples in fp32.
         max_objects: the most objects in one training image (a larger scene warns), or None.
     """
 
