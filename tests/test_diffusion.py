@@ -144,7 +144,7 @@ def test_the_optimizer_is_fused_and_a_run_saved_without_it_resumes_fused(tmp_pat
 
 @pytest.mark.parametrize("has_kernels", [True, False])
 def test_bf16_computes_in_fp32_on_a_cpu_without_bf16_kernels(monkeypatch, dataset, has_kernels):
-    """On an AVX2-only CPU, bf16 autocast falls back to reference loops (a cpu.toml step 25x slower
+    """On an AVX2-only CPU, bf16 autocast falls back to reference loops (a cpu.toml step 24x slower
     than fp32): there "bf16" trains and samples in fp32, and training says so once."""
     from clevrgen import runtime
     from clevrgen.errors import ClevrgenWarning

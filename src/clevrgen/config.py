@@ -177,7 +177,7 @@ class TrainConfig(Section):
     """auto: bf16 autocast on CUDA, fp32 on the CPU (exact to the bit, e.g. for resume tests);
     bf16 is ~1.5-2x faster on CPUs with AVX512-BF16 or AMX (the CPU configs set it). A CPU without
     bf16 (fp16) kernels, such as an AVX2-only one, computes in fp32 instead: emulated there, bf16
-    was 25x slower (``clevrgen.runtime.autocast_dtype``)."""
+    was 24x slower (``clevrgen.runtime.autocast_dtype``)."""
     compile: bool = False
     channels_last: bool = False
     attention_kernel: Literal["sdpa", "math"] = "sdpa"
