@@ -60,13 +60,12 @@ def clock_ghz() -> float:
 def nominal_peak(threads: int, bf16: bool = True) -> tuple[float, str]:
     """The nominal peak of the precision the step computes in (``bf16``, else fp32)."""
     flags = cpu_flags()
-    if not bf16:
-        per_cycle, what = (64, "AVX512 FMA fp32 (two 512-bit units), 64") if "avx512f" in flags else (32, "FMA fp32, 32")
-        what += " FLOP/cycle/core"
-    elif "amx_bf16" in flags:
+    if bf16 and "amx_bf16" in flags:
         per_cycle, what = 1024, "AMX-BF16, 1024 FLOP/cycle/core"
-    elif "avx512_bf16" in flags:
+    elif bf16 and "avx512_bf16" in flags:
         per_cycle, what = 64, "AVX512-BF16 (Zen 4: 2 x 256-bit), 64 FLOP/cycle/core"
+    elif not bf16 and "avx512f" in flags:
+        per_cycle, what = 64, "AVX512 FMA fp32 (two 512-bit units), 64 FLOP/cycle/core"
     else:
         per_cycle, what = 32, "FMA fp32, 32 FLOP/cycle/core"
     ghz = clock_ghz()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import signal
@@ -33,6 +34,7 @@ def resolve_device(name: str = "auto") -> "torch.device":
     return torch.device(name)
 
 
+@functools.cache  # the CPU does not change: ask PyTorch once per dtype, not per sampling batch
 def cpu_has_kernels(dtype: "torch.dtype") -> bool:
     """Whether this CPU runs ``dtype``'s autocast ops (convolutions, matmuls) in oneDNN's kernels:
     bf16 needs AVX512 (native with AVX512-BF16 or AMX) or ARM's bf16, fp16 AVX512-FP16 or AMX-FP16.
@@ -61,8 +63,8 @@ def autocast_dtype(precision: str, device: "torch.device", warn_fallback: bool =
     if dtype is not None and device.type == "cpu" and not cpu_has_kernels(dtype):
         if warn_fallback:
             warn(f"precision = {precision!r}: this CPU has no {precision} kernels (PyTorch sees "
-                 f"{torch.backends.cpu.get_cpu_capability()}, no AVX512 or AMX), where {precision} runs many times "
-                 "slower than fp32: computing in fp32")
+                 f"{torch.backends.cpu.get_cpu_capability()}), where {precision} runs many times slower than fp32: "
+                 "computing in fp32")
         return None
     return dtype
 
