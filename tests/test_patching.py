@@ -150,3 +150,17 @@ def test_the_lr_cools_down_over_the_last_steps():
     assert f(80) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
     assert [f(s) for s in range(60, 101)] == sorted([f(s) for s in range(60, 101)], reverse=True)
     assert lr_lambda(warmup=0)(10**6) == 1.0
+
+
+def test_the_runs_calendar_says_what_falls_due_after_each_step():
+    from clevrgen.config import TrainConfig
+    from clevrgen.train import due_after
+
+    t = TrainConfig(steps=12, log_every=4, eval_every=6, sample_every=12, checkpoint_every=5, snapshot_every=3)
+    due = {step: due_after(step, t) for step in range(1, 13)}
+    assert [s for s, d in due.items() if d.log] == [4, 6, 8, 12]  # an evaluation is logged
+    assert [s for s, d in due.items() if d.evaluate] == [6, 12]
+    assert [s for s, d in due.items() if d.sample] == [12]
+    assert [s for s, d in due.items() if d.snapshot] == [3, 6, 9, 12]
+    assert [s for s, d in due.items() if d.checkpoint] == [5, 10, 12]  # the last step always saves
+    assert not any(due_after(s, t.model_copy(update={"snapshot_every": 0})).snapshot for s in range(1, 13))

@@ -220,6 +220,35 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def mean(self, value: "torch.Tensor") -> "torch.Tensor":
+        """``value`` averaged over the ranks (itself when run alone)."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        return value / self.world_size
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing when run alone)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def in_sync(self, parameters) -> bool:
+        """Whether every rank holds exactly the same ``parameters`` (a check at the end of a DDP
+        run): three sums of the weights, in float64, gathered from every rank and compared."""
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.cat([p.detach().double().flatten() for p in parameters])
+        stats = torch.stack([flat.sum(), flat.square().sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
+        gathered = [torch.empty_like(stats) for _ in range(self.world_size)]
+        dist.all_gather(gathered, stats)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
 
 def init_distributed(device: "torch.device") -> tuple[Distributed, "torch.device"]:
     """Join the torchrun job described by the environment, if any: NCCL on GPUs, gloo on the CPU.

@@ -1,6 +1,7 @@
-"""The training loop, in the manner of nanoGPT and EDM: a step (``train_step``), and the run's
-bookkeeping after it (``log_window``, ``evaluate``, ``save_checkpoint``, ``save_snapshot``) as
-small named pieces. The objective is ``clevrgen.loss``, what a run measures ``clevrgen.monitor``,
+"""The training loop, in the manner of nanoGPT and EDM: a step (``train_step``), the run's
+calendar (``due_after``: what falls due after a step) and its bookkeeping (``bookkeeping``:
+``log_window``, ``evaluate``, ``sample_grid``, ``save_snapshot``, ``save_checkpoint``) as small
+named pieces; the run's state is ``state_dict`` / ``load_state_dict``. The objective is ``clevrgen.loss``, what a run measures ``clevrgen.monitor``,
 its folder ``clevrgen.runfolder``.
 
 One code path for the CPU and CUDA: precision, compile and channels-last are settings. The whole
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from clevrgen import monitor
-from clevrgen.config import Config, to_toml
+from clevrgen.config import Config, TrainConfig, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import training_scheduler
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
@@ -130,6 +131,27 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
 
 
+@dataclass(frozen=True)
+class Due:
+    """What a run does after a step."""
+
+    log: bool
+    evaluate: bool
+    sample: bool
+    snapshot: bool
+    checkpoint: bool
+
+
+def due_after(step: int, t: TrainConfig) -> Due:
+    """The run's calendar: what is due after ``step`` by ``train.*_every`` (``t``). The last step
+    logs, evaluates, samples and saves whatever the intervals say; an evaluation is logged."""
+    last = step == t.steps
+    evaluate = step % t.eval_every == 0 or last
+    return Due(log=step % t.log_every == 0 or evaluate, evaluate=evaluate, sample=step % t.sample_every == 0 or last,
+               snapshot=bool(t.snapshot_every) and step % t.snapshot_every == 0,
+               checkpoint=step % t.checkpoint_every == 0 or last)
+
+
 class Trainer:
     """Owns the model, EMA, optimizer and run folder of one training run."""
 
@@ -140,39 +162,9 @@ class Trainer:
         from clevrgen.pipeline import check_sample_steps
 
         check_sample_steps(cfg)  # the sample grids and accuracy checks draw with sample.steps
-        if cfg.train.batch_size > len(data):
-            raise UsageError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(data)} training images")
-        self.train_set, self.val_set = split_scenes(data, cfg.data.val_fraction, cfg.data.split_seed)
-        # Each rank holds its own shard on its device; a model may work at a lower resolution
-        # than the 64x64 data (cheap CPU configs).
-        shard = slice(self.dist.rank, None, self.dist.world_size)
-        self.images = resize_images(self.train_set.images[shard], cfg.model.image_size).to(self.device)
-        self.labels = self.train_set.labels[shard].to(self.device)
-        # New scenes rendered on the device at every step, if the config asks for them.
-        self.fresh = None
-        if cfg.data.fresh > 0:
-            from clevrgen.data.embedded import FreshScenes
-
-            self.fresh = FreshScenes(max(1, round(cfg.data.fresh * cfg.train.batch_size)), cfg.data.fresh_objects,
-                                     cfg.model.image_size, self.device, cfg.train.seed, self.dist.rank)
-        # What the artifact records about the data (sampling warns beyond max_objects).
-        self.training_data = {"max_objects": max(max_objects_of(self.train_set.labels),
-                                                 cfg.data.fresh_objects[1] if self.fresh else 0),
-                              "images": len(self.train_set), "data": describe_data(cfg.data)}
-
+        self.place_data(data)
         torch.manual_seed(cfg.train.seed)
-        if self.dist.is_main:
-            warn_if_upsampled(cfg.model)
-        self.model = build_model(cfg.model)
-        if resume:  # the checkpoint holds the weights: the init source is neither read nor needed
-            if init := training_data_of(run_dir).get("init"):
-                self.training_data["init"] = init
-        elif cfg.train.init:
-            self.training_data["init"] = init_from(self.model, cfg)
-        self.model = self.model.to(self.device)
-        set_attention_kernel(self.model, cfg.train.attention_kernel)
-        if cfg.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.build_model(resume)
         self.ema = make_ema(self.model, cfg) if self.dist.is_main else None
         self.power_ema = bool(cfg.train.ema_sigma_rels)
         self.optimizer = make_optimizer(self.model, cfg)
@@ -184,6 +176,46 @@ class Trainer:
         self.stop_requested = lambda: False  # while run() loops: whether a stop signal came
         # The loss summed since the last log record; checkpointed, so a resumed window logs exactly.
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
+
+    def place_data(self, data: ImageSet) -> None:
+        """The training images and labels on the device (this rank's shard, at the model's
+        resolution), the held-out scenes, the fresh renders if the config asks for them, and what
+        the artifact records about the data."""
+        cfg = self.cfg
+        if cfg.train.batch_size > len(data):
+            raise UsageError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(data)} training images")
+        self.train_set, self.val_set = split_scenes(data, cfg.data.val_fraction, cfg.data.split_seed)
+        shard = slice(self.dist.rank, None, self.dist.world_size)
+        self.images = resize_images(self.train_set.images[shard], cfg.model.image_size).to(self.device)
+        self.labels = self.train_set.labels[shard].to(self.device)
+        self.fresh = None  # new scenes rendered on the device at every step
+        if cfg.data.fresh > 0:
+            from clevrgen.data.embedded import FreshScenes
+
+            self.fresh = FreshScenes(max(1, round(cfg.data.fresh * cfg.train.batch_size)), cfg.data.fresh_objects,
+                                     cfg.model.image_size, self.device, cfg.train.seed, self.dist.rank)
+        # Sampling warns beyond max_objects.
+        self.training_data = {"max_objects": max(max_objects_of(self.train_set.labels),
+                                                 cfg.data.fresh_objects[1] if self.fresh else 0),
+                              "images": len(self.train_set), "data": describe_data(cfg.data)}
+
+    def build_model(self, resume: bool) -> None:
+        """The model (from ``train.init``'s weights, unless a resume's checkpoint brings them),
+        on the device with the config's attention kernel and layout, and ``self.forward``: what
+        the loss calls (the model, wrapped by DDP and ``torch.compile`` as the config asks)."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            warn_if_upsampled(cfg.model)
+        self.model = build_model(cfg.model)
+        if resume:  # the checkpoint holds the weights: the init source is neither read nor needed
+            if init := training_data_of(self.run_dir).get("init"):
+                self.training_data["init"] = init
+        elif cfg.train.init:
+            self.training_data["init"] = init_from(self.model, cfg)
+        self.model = self.model.to(self.device)
+        set_attention_kernel(self.model, cfg.train.attention_kernel)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -257,34 +289,36 @@ class Trainer:
             save_artifact(self.ema_model(i), self.cfg, folder / f"ema-{sigma_rel:.3f}",
                           {**record, "ema_sigma_rel": sigma_rel})
 
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s state. The config's lr (``--set train.lr=...``) and
+        this machine's AdamW kernel govern the resumed run, not the saved run's."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.device)
+        fused = self.optimizer.param_groups[0]["fused"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.lr_schedule.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.lr_schedule.lr_lambdas):
+            group["lr"] = self.cfg.train.lr * factor(self.lr_schedule.last_epoch)
+            group["fused"] = fused
+        self.step = int(state["step"])
+        if "window" in state:
+            self.window_loss = state["window"]["loss"].to(self.device)
+            self.window_steps = int(state["window"]["steps"])
+        torch.set_rng_state(state["torch_rng"])
+        if int(state.get("world_size", 1)) == 1 == self.dist.world_size:
+            self.gen.set_state(state["gen"])  # exact continuation of a single-process run
+        else:  # another job shape: each rank draws afresh from (seed, rank, step)
+            self.gen.manual_seed(self.rank_seed(self.step))
+
     def load_checkpoint(self) -> None:
         path = self.run_dir / STATE_FILE
         if not path.is_file():
             raise CheckpointError(f"cannot resume: {path} not found (is {self.run_dir} a training run?)")
         try:
-            state = read_state(self.run_dir)
-            self.model.load_state_dict(state["model"])
-            if self.ema is not None:
-                self.ema.load_state_dict(state["ema"])
-                self.ema.to(self.device)
-            fused = self.optimizer.param_groups[0]["fused"]
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
-            # The config's lr (``--set train.lr=...``) and this machine's AdamW kernel govern a
-            # resumed run, not the saved run's, which load_state_dict brought back.
-            self.lr_schedule.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
-            for group, factor in zip(self.optimizer.param_groups, self.lr_schedule.lr_lambdas):
-                group["lr"] = self.cfg.train.lr * factor(self.lr_schedule.last_epoch)
-                group["fused"] = fused
-            self.step = int(state["step"])
-            if "window" in state:
-                self.window_loss = state["window"]["loss"].to(self.device)
-                self.window_steps = int(state["window"]["steps"])
-            torch.set_rng_state(state["torch_rng"])
-            if int(state.get("world_size", 1)) == 1 == self.dist.world_size:
-                self.gen.set_state(state["gen"])  # exact continuation of a single-process run
-            else:  # another job shape: each rank draws afresh from (seed, rank, step)
-                self.gen.manual_seed(self.rank_seed(self.step))
+            self.load_state_dict(read_state(self.run_dir))
         except Exception as exc:
             raise CheckpointError(f"cannot resume from {path}: {first_line(exc)}") from None
 
@@ -302,23 +336,26 @@ class Trainer:
         if log is not None:
             log.grid(images, self.step)
 
-    def log_window(self, log: RunLog | None, evaluate: bool, images: int, seconds: float) -> dict:
+    def log_window(self, log: RunLog | None, evaluate: bool) -> dict:
         """The record of the steps since the last one: mean loss, lr, speed, and (``evaluate``)
-        what the monitor measures; written to the log on the main rank."""
+        what the monitor measures; written to the log on the main rank. Opens the next window."""
+        seconds = time.perf_counter() - self.window_start
         record = {"step": self.step, "loss": self.loss, "lr": self.lr_schedule.get_last_lr()[0],
-                  "images_per_second": images / seconds}
+                  "images_per_second": self.window_images / seconds}
         if log is not None:
             if evaluate:
                 with contextlib.suppress(SamplingStopped):  # a stop skips the rest of it
                     record.update(self.evaluate())
             log.write(record)
+        self.ips, self.val_loss = record["images_per_second"], record.get("val_loss", self.val_loss)
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
+        self.window_start, self.window_images = time.perf_counter(), 0
         return record
 
     def window_mean_loss(self) -> float:
-        """The window's mean loss over all ranks, refusing a non-finite one: no checkpoint ever
-        holds weights a NaN has touched."""
-        loss = self.mean_loss(self.window_loss, self.window_steps)
+        """The window's mean loss over all ranks (so every rank logs, and stops, on the same
+        value), refusing a non-finite one: no checkpoint ever holds weights a NaN has touched."""
+        loss = (self.dist.mean(self.window_loss) / self.window_steps).item()  # the loop's one wait for the device
         if not math.isfinite(loss):
             raise ClevrgenError(f"the loss became non-finite ({loss}) by step {self.step}; "
                                 f"{checkpoint_note(self.run_dir, kept=True)}. Try a lower train.lr or "
@@ -330,49 +367,35 @@ class Trainer:
 
         plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
 
-    def mean_loss(self, total: torch.Tensor, steps: int) -> float:
-        """The mean loss of a window of steps over all ranks: every rank logs, and stops, on the
-        same value. The one place the loop waits for the device."""
-        if self.dist.enabled:
-            import torch.distributed as dist
-
-            total = total.clone()
-            dist.all_reduce(total)
-            total /= self.dist.world_size
-        return (total / steps).item()
-
-    def barrier(self) -> None:
-        if self.dist.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def ranks_in_sync(self) -> bool:
-        """Whether every rank holds exactly the same weights (a check at the end of a DDP run)."""
-        import torch.distributed as dist
-
-        flat = torch.cat([p.detach().double().flatten() for p in self.model.parameters()])
-        stats = torch.stack([flat.sum(), flat.square().sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
-        gathered = [torch.empty_like(stats) for _ in range(self.dist.world_size)]
-        dist.all_gather(gathered, stats)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
+    def bookkeeping(self, due: Due, log: RunLog | None) -> None:
+        """What the run does after a step, as ``due`` says: log (and evaluate), sample a grid,
+        keep a snapshot, save the checkpoint. Only the main rank writes."""
+        main = self.dist.is_main
+        if due.log or due.checkpoint:
+            self.loss = self.window_mean_loss()
+        if due.log:
+            self.log_window(log, due.evaluate)
+        if main and due.sample and not self.stop_requested():
+            with contextlib.suppress(SamplingStopped):
+                self.sample_grid(self.ema_model(), log)
+        if main and due.snapshot:
+            self.save_snapshot()
+        if due.checkpoint:
+            if main:
+                self.save_checkpoint()
+            self.dist.barrier()
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         from rich.progress import TextColumn
 
-        from clevrgen.progress import console, make_progress
+        from clevrgen.progress import make_progress
 
         t, main = self.cfg.train, self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-            if self.dist.enabled:
-                console.print(f"DDP on {self.dist.world_size} ranks ({self.device.type}): batch {t.batch_size} per rank, "
-                              f"effective batch {t.batch_size * self.dist.world_size}, lr {t.lr:g}")
+        self.start_run()
         log = RunLog(self.run_dir, t.tensorboard, self.step) if main else None
-        self.loss, ips, val_loss = float("nan"), float("nan"), None
-        window_start, window_images = time.perf_counter(), 0
+        self.loss, self.ips, self.val_loss = float("nan"), float("nan"), None
+        self.window_start, self.window_images = time.perf_counter(), 0
         bar = make_progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
                             enabled=self.progress and main)
         interrupt = None
@@ -384,29 +407,12 @@ class Trainer:
                 while self.step < t.steps:
                     self.window_loss += self.train_step()
                     self.window_steps += 1
-                    window_images += t.batch_size * self.dist.world_size
-                    last = self.step == t.steps
-                    evaluate_now = self.step % t.eval_every == 0 or last
-                    log_now = self.step % t.log_every == 0 or evaluate_now
-                    checkpoint_now = self.step % t.checkpoint_every == 0 or last
-                    if log_now or checkpoint_now:
-                        self.loss = self.window_mean_loss()
-                    if log_now:
-                        record = self.log_window(log, evaluate_now, window_images, time.perf_counter() - window_start)
-                        ips, val_loss = record["images_per_second"], record.get("val_loss", val_loss)
-                        window_start, window_images = time.perf_counter(), 0
-                    if main and (self.step % t.sample_every == 0 or last) and not interrupt.requested:
-                        with contextlib.suppress(SamplingStopped):
-                            self.sample_grid(self.ema_model(), log)
-                    if main and t.snapshot_every and self.step % t.snapshot_every == 0:
-                        self.save_snapshot()
-                    if checkpoint_now:
-                        if main:
-                            self.save_checkpoint()
-                        self.barrier()
-                    bar.update(task, completed=self.step, loss=self.loss, ips=ips)
+                    self.window_images += t.batch_size * self.dist.world_size
+                    due = due_after(self.step, t)
+                    self.bookkeeping(due, log)
+                    bar.update(task, completed=self.step, loss=self.loss, ips=self.ips)
                     if signum := stop_vote(interrupt.signum):  # Ctrl-C or SIGTERM: stop between two whole steps
-                        self.stop(signum, saved=checkpoint_now)
+                        self.stop(signum, saved=due.checkpoint)
         except KeyboardInterrupt:
             if interrupt is not None and interrupt.forced:
                 raise TrainingInterrupted(
@@ -421,23 +427,39 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+        self.finish_run()
+        return TrainResult(self.run_dir, self.step, self.loss, self.ips, self.val_loss, self.dist.world_size, main)
+
+    def start_run(self) -> None:
+        """The run folder and its resolved config (main rank), and the DDP job's shape, in words."""
+        from clevrgen.progress import console
+
+        t = self.cfg.train
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+            if self.dist.enabled:
+                console.print(f"DDP on {self.dist.world_size} ranks ({self.device.type}): batch {t.batch_size} per rank, "
+                              f"effective batch {t.batch_size * self.dist.world_size}, lr {t.lr:g}")
+
+    def finish_run(self) -> None:
+        """After the last step: the DDP ranks' weights checked equal (and recorded), the loss plot."""
         if self.dist.enabled:
-            in_sync = self.ranks_in_sync()
-            if main:
+            in_sync = self.dist.in_sync(self.model.parameters())
+            if self.dist.is_main:
                 append_jsonl(self.run_dir / METRICS_FILE,
                              {"step": self.step, "world_size": self.dist.world_size, "ranks_in_sync": in_sync})
             if not in_sync:
                 raise RuntimeError("DDP ranks ended with different weights")
-        if main:
+        if self.dist.is_main:
             self.plot_loss()
-        return TrainResult(self.run_dir, self.step, self.loss, ips, val_loss, self.dist.world_size, main)
 
     def stop(self, signum: int, saved: bool) -> None:
         """A stop signal after a whole step: save (unless this step just did), then end the run."""
         if not saved:
             if self.dist.is_main:
                 self.save_checkpoint()
-            self.barrier()  # no rank ends (and has torchrun stop the rest) before the save
+            self.dist.barrier()  # no rank ends (and has torchrun stop the rest) before the save
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {SIGNAL_NAMES[signum]}"
         raise TrainingInterrupted(f"{how} at step {self.step}; checkpoint saved. Resume with: clevrgen train --resume "
                                   f"{self.run_dir}", exit_code=128 + signum)
