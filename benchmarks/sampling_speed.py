@@ -2,6 +2,7 @@
 
     python benchmarks/sampling_speed.py                       # the shipped model, its own settings
     python benchmarks/sampling_speed.py --steps 25 --guidance 2 --checkpoint runs/cpu
+    python benchmarks/sampling_speed.py --batch-size 16            # the 64 images in chunks of 16
 
 The 32 label sets of ``test`` and the 32 of ``new_test`` are drawn in one batch of 64 (image i
 from seed i), after a short warm-up, as ``clevrgen evaluate`` draws them. Prints one JSON line
@@ -27,10 +28,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--sampler", default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (sample.batch_size)")
     args = parser.parse_args()
     pipeline = LoadedRun.load(args.checkpoint)
     sample = pipeline.config.sample.model_copy(update={k: v for k, v in vars(args).items()
-                                                       if k in ("steps", "guidance", "sampler") and v is not None})
+                                                       if k in ("steps", "guidance", "sampler", "batch_size") and v is not None})
     pipeline.config = pipeline.config.model_copy(update={"sample": sample})
     scenes = load_label_sets("test") + load_label_sets("new_test")
     pipeline.generate(scenes[:2], [0, 1], progress=False)  # warm-up
