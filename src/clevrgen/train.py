@@ -336,9 +336,10 @@ class Trainer:
         if log is not None:
             log.grid(images, self.step)
 
-    def log_window(self, log: RunLog | None, evaluate: bool) -> dict:
-        """The record of the steps since the last one: mean loss, lr, speed, and (``evaluate``)
-        what the monitor measures; written to the log on the main rank. Opens the next window."""
+    def log_window(self, log: RunLog | None, evaluate: bool) -> None:
+        """Log the steps since the last record: mean loss, lr, speed, and (``evaluate``) what the
+        monitor measures; written on the main rank, kept as ``self.ips`` / ``self.val_loss`` for
+        the progress bar and the result. Opens the next window."""
         seconds = time.perf_counter() - self.window_start
         record = {"step": self.step, "loss": self.loss, "lr": self.lr_schedule.get_last_lr()[0],
                   "images_per_second": self.window_images / seconds}
@@ -350,7 +351,6 @@ class Trainer:
         self.ips, self.val_loss = record["images_per_second"], record.get("val_loss", self.val_loss)
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
         self.window_start, self.window_images = time.perf_counter(), 0
-        return record
 
     def window_mean_loss(self) -> float:
         """The window's mean loss over all ranks (so every rank logs, and stops, on the same
