@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from clevrgen.config import validate_config
+from clevrgen.errors import ClevrgenError
 from clevrgen.labels import load_label_sets
 from clevrgen.pipeline import LoadedRun
 from diffusion_speed import machine
@@ -30,10 +32,16 @@ def main() -> None:
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (sample.batch_size)")
     args = parser.parse_args()
-    pipeline = LoadedRun.load(args.checkpoint)
-    sample = pipeline.config.sample.model_copy(update={k: v for k, v in vars(args).items()
-                                                       if k in ("steps", "guidance", "sampler", "batch_size") and v is not None})
-    pipeline.config = pipeline.config.model_copy(update={"sample": sample})
+    given = {k: v for k, v in vars(args).items() if k in ("steps", "guidance", "sampler", "batch_size") and v is not None}
+    try:
+        pipeline = LoadedRun.load(args.checkpoint)
+        raw = pipeline.config.model_dump(mode="json")
+        raw["sample"].update(given)  # validated as any config is: a bad value is one line, not a traceback
+        pipeline.config = validate_config(raw, origins={f"sample.{k}": f"--{k.replace('_', '-')} {v}"
+                                                        for k, v in given.items()})
+    except ClevrgenError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    sample = pipeline.config.sample
     scenes = load_label_sets("test") + load_label_sets("new_test")
     pipeline.generate(scenes[:2], [0, 1], progress=False)  # warm-up
     start = time.perf_counter()
