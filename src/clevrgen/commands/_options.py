@@ -11,7 +11,7 @@ from clevrgen.config import Config, load_config, to_toml
 
 ConfigOption = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="A TOML file, or a shipped config by name from any folder: tiny, cpu, small, "
+    typer.Option("--config", "-c", help="A TOML file, or a shipped config by name from any folder: tiny, cpu, relay, small, "
                  "base, judge. Defaults are used for what it omits."),
 ]
 SampleConfigOption = Annotated[
