@@ -285,3 +285,89 @@ def test_draw_batch_puts_fresh_scenes_first():
     assert x0.shape[0] == cfg.train.batch_size
     assert (x0[0] == 1).all() and (x0[1:] == -1).all()
     assert labels[0].sum() == 24 and labels[1:].sum() == 0
+
+
+def test_fp16_trains_with_a_loss_scaler_and_a_non_finite_step_touches_no_weight(monkeypatch, dataset, tmp_path):
+    """fp16's range underflows small gradients and overflows large ones to inf: training scales
+    the loss (GradScaler), skips a step whose gradients are not finite, and keeps the scale in
+    its checkpoint. On this CPU fp16 is made to run as on a GPU (kernels or not)."""
+    from clevrgen import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_kernels", lambda dtype: True)
+    data = load_iclevr(dataset, progress=False)
+    trainer = Trainer(tiny_config("train.precision='fp16'"), tmp_path / "run", data, progress=False)
+    assert trainer.amp_dtype == torch.float16 and trainer.scaler is not None
+    assert torch.isfinite(trainer.train_step())
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.scaler.update(new_scale=3e38)  # the next backward overflows to inf
+    trainer.train_step()
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))  # skipped, not applied
+    assert trainer.scaler.get_scale() < 3e38  # and the scale came down
+    assert "scaler" in trainer.state_dict()
+    assert Trainer(tiny_config("train.precision='bf16'"), None, data, progress=False).scaler is None
+
+
+def test_bf16_on_a_gpu_without_it_is_fp16_with_a_scaler(monkeypatch):
+    from clevrgen import runtime
+    from clevrgen.errors import ClevrgenWarning
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    cuda = torch.device("cuda")
+    with pytest.warns(ClevrgenWarning, match="no bf16"):
+        assert runtime.autocast_dtype("bf16", cuda, warn_fallback=True) == torch.float16
+    assert runtime.autocast_dtype("auto", cuda) == torch.float16
+    assert isinstance(runtime.grad_scaler(torch.device("cpu"), torch.float16), torch.amp.GradScaler)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert runtime.autocast_dtype("auto", cuda) == torch.bfloat16 and runtime.grad_scaler(cuda, torch.bfloat16) is None
+
+
+def test_a_run_resumes_on_another_device(trained_run, dataset, capsys):
+    """A CPU generator's state is 5,056 bytes, a CUDA one's 16: a run saved on one device and
+    resumed on the other draws its batches afresh from the step, and says so."""
+    from clevrgen.runfolder import read_state, write_state
+
+    state = read_state(trained_run)
+    assert state["gen"].numel() == torch.Generator().get_state().numel()
+    state["gen"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator's
+    write_state(trained_run, state)
+    data = load_iclevr(dataset, progress=False)
+    result = train(tiny_config("train.steps=6"), trained_run, data, resume=True, progress=False)
+    assert result.step == 6
+    said = " ".join(capsys.readouterr().err.split())
+    assert "batch generator was another device's, so batches are drawn afresh from step 4" in said
+
+
+def test_the_classic_ema_updates_all_weights_at_once():
+    from clevrgen.train import make_ema
+
+    cfg = tiny_config()
+    ema = make_ema(build_model(cfg.model), cfg)
+    assert ema.foreach
+
+
+def test_the_gpu_config_checkpoints_on_a_clock_a_user_would_pick():
+    cfg = load_config("gpu", [])
+    assert cfg.train.steps <= 100_000 and cfg.train.checkpoint_every <= 5_000 and cfg.train.sample_every <= cfg.train.steps
+
+
+def test_an_export_adds_its_run_to_the_models_chain_of_stages(tmp_path, dataset, runner):
+    """A relay stage starts from a model and its export carries the whole chain (training_data.json's
+    ``stages``): what each stage started from, its steps, images, lr plan, machine and minutes."""
+    from clevrgen.report import chain_curve
+
+    data = load_iclevr(dataset, progress=False)
+    train(tiny_config("train.steps=2"), tmp_path / "first", data, progress=False)
+    assert runner.invoke(app, ["export", str(tmp_path / "first"), "--out", str(tmp_path / "m1")]).exit_code == 0
+    train(tiny_config("train.steps=3", f"train.init='{tmp_path / 'm1'}'", "train.lr_decay_steps=1"),
+          tmp_path / "second", data, progress=False)
+    assert runner.invoke(app, ["export", str(tmp_path / "second"), "--out", str(tmp_path / "m2")]).exit_code == 0
+    first, second = json.loads((tmp_path / "m2" / "training_data.json").read_text())["stages"]
+    assert first["from"] == "random weights" and first["steps"] == 2 and first["images"] == 8
+    assert str(tmp_path / "m1") in second["from"] and second["steps"] == 3 and second["images"] == 12
+    assert "cool-down" in second["lr_plan"] and "cool-down" not in first["lr_plan"]
+    assert second["machine"] and second["minutes"] > 0
+    assert json.loads((tmp_path / "m1" / "training_data.json").read_text())["stages"] == [first]
+    rows, boundaries = chain_curve([{**first, "curve": [{"step": 2, "minutes": 1.0}]},
+                                    {**second, "minutes": 2.0, "curve": [{"step": 3, "minutes": 2.0}]}])
+    assert [(r["stage"], r["step"], r["minutes"]) for r in rows] == [(0, 2, 1.0), (1, 5, first["minutes"] + 2.0)]
+    assert boundaries == [first["minutes"]]

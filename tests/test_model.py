@@ -25,14 +25,48 @@ def tiny(*extra):
 def test_tokens_are_one_per_object_plus_an_always_present_null():
     encoder = LabelEncoder(embedding_dim=32, token_dim=8)
     labels = multi_hot([["red sphere", "cyan cube", "gray cylinder"], ["blue cube"]])
-    tokens, mask = encoder.tokens(labels)
+    tokens, mask = encoder.tokens(labels, num_objects=3)
     assert tokens.shape == (2, 4, 8)
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     # the same object is the same token wherever it appears, and order does not matter
-    alone, _ = encoder.tokens(multi_hot([["cyan cube"]]))
+    alone, _ = encoder.tokens(multi_hot([["cyan cube"]]), num_objects=1)
     assert any(torch.equal(alone[0, 1], tokens[0, k]) for k in (1, 2, 3))
-    empty, empty_mask = encoder.tokens(torch.zeros(3, 24))
+    empty, empty_mask = encoder.tokens(torch.zeros(3, 24), num_objects=0)
     assert empty.shape == (3, 1, 8) and empty_mask.tolist() == [[1]] * 3
+    # Unsized, every label is padded to the largest scene of the vocabulary: a shape that does
+    # not depend on the labels' values, the same tokens, the padding masked.
+    padded, padded_mask = encoder.tokens(labels)
+    assert padded.shape == (2, 25, 8) and padded_mask.sum(1).tolist() == [4, 2]
+    present = lambda tok, m: sorted(tok[m.bool()].tolist())  # noqa: E731  (in any order)
+    assert all(present(padded[i], padded_mask[i]) == present(tokens[i], mask[i]) for i in range(2))
+
+
+def test_padded_object_tokens_predict_what_sized_ones_do():
+    """With self- and cross-attention at each token level (cpu.toml's design) the mask hides the
+    padding. (A cross-attention-only level gets no mask from diffusers: there K matters.)"""
+    cfg = tiny(*TOKENS, "model.attention=[false, true, true]")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    x, t = torch.randn(3, 3, 64, 64), torch.tensor([3, 20, 40])
+    labels = torch.cat([multi_hot([["red sphere", "cyan cube"], ["gray cube"]]), torch.zeros(1, 24)])
+    with torch.no_grad():
+        sized = model.denoise(x, t, model.label_encoder(labels, num_objects=2))
+        padded = model(x, t, labels)
+    torch.testing.assert_close(padded, sized, atol=1e-5, rtol=1e-5)
+
+
+def test_the_token_denoiser_compiles_to_one_graph():
+    """A graph break (a device sync such as ``.item()`` on the labels) fails ``fullgraph=True``:
+    on a GPU each one would stall every UNet call."""
+    cfg = tiny(*TOKENS)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([3, 40])
+    labels = multi_hot([["red sphere", "cyan cube"], ["gray cube"]])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, labels), model(x, t, labels))
 
 
 def test_a_token_model_is_a_unet2dconditionmodel_and_its_labels_matter():
@@ -242,3 +276,21 @@ def test_the_math_attention_kernel_is_the_same_math(extra):
         set_attention_kernel(model, "math")
         explicit = model(x, t, labels)
     torch.testing.assert_close(fused, explicit, atol=1e-4, rtol=1e-4)
+
+
+def test_the_attention_kernel_is_chosen_for_the_device_unless_forced():
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from clevrgen.model import attention_kernel_for, set_attention_kernel
+
+    assert attention_kernel_for("auto", "cpu") == "math"
+    assert attention_kernel_for("auto", torch.device("cuda", 0)) == "sdpa"
+    assert attention_kernel_for("math", "cuda") == "math" and attention_kernel_for("sdpa", "cpu") == "sdpa"
+    assert load_config(None, []).train.attention_kernel == "auto"
+    assert load_config("cpu", []).train.attention_kernel == "auto"  # cpu.toml no longer forces math onto a GPU
+    model = build_model(tiny(*TOKENS).model)
+    processors = lambda: {type(m.processor) for m in model.modules() if isinstance(m, Attention)}  # noqa: E731
+    set_attention_kernel(model, "auto")  # its weights are on the CPU
+    assert processors() == {AttnProcessor}
+    set_attention_kernel(model, "sdpa")
+    assert processors() == {AttnProcessor2_0}

@@ -90,6 +90,29 @@ def test_one_generator_draws_the_images_one_after_the_other(pipe):
         pipe(SCENES, generator=[torch.Generator(), torch.Generator()])
 
 
+def test_the_starting_noise_is_drawn_on_the_generators_device(pipe, monkeypatch):
+    """diffusers' convention: ``pipe(..., generator=torch.Generator("cuda"))`` draws the noise on
+    the GPU. (No CUDA here, and a meta generator cannot be made: a stand-in reports its device,
+    and the noise it asks for is recorded.)"""
+    from clevrgen import pipeline
+
+    asked = []
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None):
+        asked.append(device)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+    class CudaGenerator:
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(pipeline, "randn_tensor", randn_tensor)
+    pipe(SCENES[:1], generator=CudaGenerator(), output_type="latent")
+    pipe(SCENES[:2], generator=[CudaGenerator(), CudaGenerator()], output_type="latent")
+    pipe(SCENES[:1], seed=0, output_type="latent")
+    pipe(SCENES[:1], generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert asked == [torch.device("cuda", 0)] * 2 + [torch.device("cpu")] * 2
+
+
 def test_output_types(pipe):
     pil = pipe(SCENES[0], seed=0).images
     assert len(pil) == 1 and pil[0].size == (64, 64) and pil[0].mode == "RGB"  # a flat list is one scene

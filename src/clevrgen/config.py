@@ -180,11 +180,12 @@ class TrainConfig(Section):
     was 24x slower (``clevrgen.runtime.autocast_dtype``)."""
     compile: bool = False
     channels_last: bool = False
-    attention_kernel: Literal["sdpa", "math"] = "sdpa"
+    attention_kernel: Literal["auto", "sdpa", "math"] = "auto"
     """How training computes attention: torch's fused scaled_dot_product_attention, or the
     explicit matmul-softmax-matmul of diffusers' AttnProcessor (the same math; ~1.2x faster
-    training steps on 2 CPU cores, whose fused backward is slow for short sequences). Sampling
-    always uses sdpa."""
+    training steps on 2 CPU cores, whose fused backward is slow for short sequences). "auto":
+    math on the CPU, sdpa on a GPU, chosen for the device the model trains on; "sdpa" or "math"
+    forces one everywhere. Sampling always uses sdpa."""
     log_every: int = Field(50, ge=1, le=MAX_STEPS)
     eval_every: int = Field(5000, ge=1, le=MAX_STEPS)
     """Held-out loss (and, with a judge, sample accuracy) every this many steps."""

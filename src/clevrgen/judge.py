@@ -24,7 +24,7 @@ from clevrgen.config import JudgeConfig
 from clevrgen.data.iclevr import ImageSet, to_float
 from clevrgen.errors import CheckpointError
 from clevrgen.labels import NUM_CLASSES, PHRASES, asset_path
-from clevrgen.runtime import autocast, autocast_dtype, resolve_device
+from clevrgen.runtime import autocast, autocast_dtype, grad_scaler, resolve_device
 from clevrgen.output import atomic_path
 
 ARCHITECTURE = "torchvision.models.resnet18(weights=None), fc=Sequential(Linear(512, 24), Sigmoid())"
@@ -271,24 +271,26 @@ def augment(images: torch.Tensor, cfg: JudgeConfig, generator: torch.Generator) 
 
     Horizontal flips and shifts of a few pixels (edge pixels repeated, so nothing is cut out
     beyond a sliver at the border) keep every object; brightness and contrast change all three
-    channels alike, so no color turns into another (no hue shift).
+    channels alike, so no color turns into another (no hue shift). It runs where the images and
+    ``generator`` are (on a GPU, training never waits for the CPU).
     """
     x = to_float(images)
     b, _, h, w = x.shape
+    device = x.device
     if cfg.hflip:
-        flip = torch.rand(b, generator=generator) < 0.5
+        flip = torch.rand(b, generator=generator, device=device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if cfg.translate > 0:
         t = cfg.translate
         padded = nn.functional.pad(x, (t, t, t, t), mode="replicate")
-        dy, dx = torch.randint(0, 2 * t + 1, (2, b), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, :, None]
-        cols = (dx[:, None] + torch.arange(w))[:, None, :]
-        x = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        dy, dx = torch.randint(0, 2 * t + 1, (2, b), generator=generator, device=device)
+        rows = (dy[:, None] + torch.arange(h, device=device))[:, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, :]
+        x = padded[torch.arange(b, device=device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
     if cfg.jitter > 0:
         j = cfg.jitter
-        contrast = 1 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * j
-        brightness = (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * j
+        contrast = 1 + (torch.rand(b, 1, 1, 1, generator=generator, device=device) * 2 - 1) * j
+        brightness = (torch.rand(b, 1, 1, 1, generator=generator, device=device) * 2 - 1) * j
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * contrast + mean + brightness).clamp(-1, 1)
     return x
@@ -333,7 +335,10 @@ def train_judge(
         raise ValueError("train_judge needs at least one training image")
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device, warn_fallback=True)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    scaler = grad_scaler(device, dtype)  # fp16 only: a step with non-finite gradients is skipped
+    # The images, their shuffling and their augmentation stay on the device (on the CPU: as ever).
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    images, labels = train.images.to(device), train.labels.to(device)
     torch.manual_seed(cfg.seed)
     model = build_judge() if cfg.init is None else load_judge(cfg.init).train()
     model = model.to(device)
@@ -355,9 +360,10 @@ def train_judge(
         task = bar.add_task("training judge" + (" (seconds)" if budget else ""),
                             total=int(budget) if budget else total_steps, loss=float("nan"))
         for epoch in range(1, cfg.epochs + 1):
-            started, total_loss, steps = time.time(), 0.0, 0
+            started, steps = time.time(), 0
+            total_loss = torch.zeros((), dtype=torch.float64, device=device)  # read back once an epoch
             model.train()
-            order = torch.randperm(len(train), generator=generator)
+            order = torch.randperm(len(train), generator=generator, device=device)
             for step in range(steps_per_epoch):
                 # where we are in the schedule: by steps, or by wall-clock time under a budget
                 fraction = (time.time() - begun) / budget if budget else done / total_steps
@@ -367,25 +373,31 @@ def train_judge(
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * lr_factor(fraction)
                 index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                x = augment(train.images[index], cfg, generator).to(device, memory_format=memory_format)
-                y = train.labels[index].to(device)
+                x = augment(images[index], cfg, generator).contiguous(memory_format=memory_format)
                 with autocast(device, dtype):
                     logits = judge_logits(model, x)
-                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels[index])
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 if average is not None:
                     _update_average(average, model, cfg.ema, done)
-                total_loss, steps, done = total_loss + loss.item(), steps + 1, done + 1
+                total_loss += loss.detach()
+                steps, done = steps + 1, done + 1
+                shown = {"loss": loss.item()} if steps % 25 == 1 else {}  # the bar's loss: a read-back every 25 steps
                 if budget:
-                    bar.update(task, completed=min(time.time() - begun, budget), loss=loss.item())
+                    bar.update(task, completed=min(time.time() - begun, budget), **shown)
                 else:
-                    bar.update(task, advance=1, loss=loss.item())
+                    bar.update(task, advance=1, **shown)
             if steps == 0:
                 break
             record: dict[str, Any] = {
-                "epoch": epoch, "steps": steps, "train_loss": total_loss / steps,
+                "epoch": epoch, "steps": steps, "train_loss": total_loss.item() / steps,
                 "seconds": round(time.time() - started, 1),
             }
             if average is not None:

@@ -57,22 +57,27 @@ class LabelEncoder(ModelMixin, ConfigMixin):
             self.register_buffer("class_color", class_index % num_colors, persistent=False)
             self.register_buffer("class_shape", class_index // num_colors, persistent=False)
 
-    def tokens(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, labels: torch.Tensor, num_objects: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 1 + K, token_dim] tokens and their [B, 1 + K] mask (1: an object or the null
-        token, 0: padding), K the most objects in one label of the batch."""
-        count = int(labels.sum(dim=1).max().item()) if len(labels) else 0
-        present, index = labels.topk(max(count, 1), dim=1) if count else (labels[:, :0], labels[:, :0].long())
+        token, 0: padding). K is ``num_objects``, at least the most objects in one label (a caller
+        that knows it on the host passes it), else the number of classes: the largest scene the
+        vocabulary allows, so that the shape never depends on the labels' values (no device sync,
+        one graph for ``torch.compile``). The mask hides the padding from attention where a level
+        has self- and cross-attention (every shipped design); diffusers applies no mask in a
+        cross-attention-only block, whose output therefore depends on K."""
+        k = labels.shape[1] if num_objects is None else num_objects
+        present, index = labels.topk(k, dim=1)  # the objects first, in any order
         embed = self.class_tokens(index) + self.color_tokens(self.class_color[index]) + self.shape_tokens(self.class_shape[index])
         null = self.null_token.to(embed.dtype).expand(len(labels), 1, -1)
         mask = torch.cat([labels.new_ones(len(labels), 1), (present > 0).to(labels.dtype)], dim=1)
         return torch.cat([null, embed], dim=1), mask
 
-    def forward(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The UNet's conditioning keyword arguments for ``labels``."""
+    def forward(self, labels: torch.Tensor, num_objects: int | None = None) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning keyword arguments for ``labels`` (``num_objects``: see :meth:`tokens`)."""
         labels = labels.to(self.proj.weight.dtype)
         conditioning = {"class_labels": self.proj(labels)}
         if self.config.token_dim:
-            tokens, mask = self.tokens(labels)
+            tokens, mask = self.tokens(labels, num_objects)
             conditioning.update(encoder_hidden_states=tokens, encoder_attention_mask=mask)
         return conditioning
 
@@ -91,10 +96,14 @@ class LabelConditionedUNet(nn.Module):
         self.label_encoder = label_encoder
         self.patch_size = patch_size
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, num_objects: int | None = None) -> torch.Tensor:
+        return self.denoise(x, t, self.label_encoder(labels, num_objects))
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prediction for labels already encoded (``label_encoder(labels)``): a sampling loop
+        encodes its labels once, not at every step."""
         from torch.nn.functional import pixel_shuffle, pixel_unshuffle
 
-        conditioning = self.label_encoder(labels)
         p = self.patch_size
         if p == 1:
             return self.unet(x, t, **conditioning).sample
@@ -156,11 +165,24 @@ def warn_if_upsampled(cfg: ModelConfig) -> None:
              "model.patch_size = 2 keeps full 64x64 output at a similar cost")
 
 
+def attention_kernel_for(kernel: str, device: "torch.device | str") -> str:
+    """The attention kernel a model computes with on ``device``: "auto" is "math" on the CPU (the
+    explicit matmuls train ~1.2x faster on 2 cores, whose fused backward is slow for short
+    sequences) and "sdpa" elsewhere (the fused kernel is the fast one on a GPU); "sdpa" and
+    "math" force that kernel."""
+    if kernel != "auto":
+        return kernel
+    return "math" if torch.device(device).type == "cpu" else "sdpa"
+
+
 def set_attention_kernel(model: nn.Module, kernel: str) -> None:
     """Every attention layer of ``model`` computes with ``kernel``: "sdpa" (torch's fused
-    scaled_dot_product_attention, diffusers' default) or "math" (explicit matmuls and softmax)."""
+    scaled_dot_product_attention, diffusers' default) or "math" (explicit matmuls and softmax);
+    "auto" chooses by the device the model's weights are on (:func:`attention_kernel_for`)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+    if kernel == "auto":
+        kernel = attention_kernel_for(kernel, next(model.parameters()).device)
     for module in model.modules():
         if isinstance(module, Attention):
             module.set_processor(AttnProcessor() if kernel == "math" else AttnProcessor2_0())
@@ -414,16 +436,22 @@ def describe_model(run_dir: Path) -> str:
     return name + (f" ({', '.join(facts)})" if facts else "")
 
 
-def export_artifact(run: Path, out: Path, half: bool = True, sample: SampleConfig | None = None) -> None:
+def export_artifact(run: Path, out: Path, half: bool = True, sample: SampleConfig | None = None,
+                    stage: bool = False) -> None:
     """Copy a run's sampling artifact (no training state) to ``out``, its weights as fp16 with
     ``half``: what ships in the package, about half the size of the fp32 artifact. ``sample``
-    (default: the run's) becomes the export's sampling defaults."""
+    (default: the run's) becomes the export's sampling defaults; with ``stage`` the run joins
+    its model's chain of training stages (``clevrgen.report.with_stage``)."""
     model, config = load_artifact(run)
     if sample is not None:
         config = config.model_copy(update={"sample": sample})
     if half:
         model.unet.half()  # the label encoder is tiny and stays fp32
     training_data = training_data_of(artifact_dir(run)) or None
+    if stage and training_data is not None:
+        from clevrgen.report import with_stage
+
+        training_data = with_stage(training_data, artifact_dir(run), int(training_data.get("steps", 0)))
     save_artifact(model, config, out, training_data)
 
 

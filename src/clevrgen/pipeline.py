@@ -223,14 +223,14 @@ class ClevrgenPipeline(DiffusionPipeline):
         n, device = len(labels), self._execution_device
         noise_gens, step_gens = self._generators(n, generator, seed)
         shape = (n, 3, self.image_size, self.image_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=noise_gens, device=torch.device("cpu"), dtype=torch.float32)
+        if latents is None:  # drawn where the generator lives (diffusers' convention), the CPU for seed=
+            latents = randn_tensor(shape, generator=noise_gens, device=noise_device(noise_gens), dtype=torch.float32)
         out = []
         with self.progress_bar(total=math.ceil(n / batch_size) * steps) as bar:
             for start in range(0, n, batch_size):
                 batch = slice(start, start + batch_size)
                 gens = step_gens[batch] if isinstance(step_gens, list) else step_gens
-                out.append(self._denoise(labels[batch].to(device), latents[batch].to(device), steps, guidance, gens,
+                out.append(self._denoise(labels[batch], latents[batch].to(device), steps, guidance, gens,
                                          callback_on_step_end, start, bar))
         x = torch.cat(out).clamp(-1.0, 1.0)
         images = self._postprocess(x, output_type)
@@ -257,17 +257,21 @@ class ClevrgenPipeline(DiffusionPipeline):
         amp = autocast_dtype(self.config.precision, device) if self.unet.dtype == torch.float32 else None
         scheduler.set_timesteps(steps, device=device)
         x = x * scheduler.init_noise_sigma
+        # The labels are encoded once for the whole loop, with as many object tokens as the batch's
+        # largest scene: counted here, before the labels move to the device (no sync on a GPU).
+        objects = 0 if guidance == 0.0 else int(labels.sum(dim=1).max())
+        labels = labels.to(device)
         empty = torch.zeros_like(labels)
+        copies = 1 if guidance in (0.0, 1.0) else 2  # guidance draws both halves in one batch
+        drawn = labels if guidance == 1.0 else empty if guidance == 0.0 else torch.cat([labels, empty])
+        with autocast(device, amp):
+            conditioning = model.label_encoder(drawn, objects)
         for i, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(x, t)
+            model_input = torch.cat([scheduler.scale_model_input(x, t)] * copies).to(self.unet.dtype)
             with autocast(device, amp):
-                if guidance == 1.0:
-                    out = model(model_input.to(self.unet.dtype), t, labels)
-                elif guidance == 0.0:
-                    out = model(model_input.to(self.unet.dtype), t, empty)
-                else:
-                    both = torch.cat([model_input] * 2).to(self.unet.dtype)
-                    cond, uncond = model(both, t, torch.cat([labels, empty])).chunk(2)
+                out = model.denoise(model_input, t, conditioning)
+                if copies == 2:
+                    cond, uncond = out.chunk(2)
                     out = uncond + guidance * (cond - uncond)
             x = scheduler.step(out.float(), t, x, generator=generators).prev_sample
             if callback is not None:
@@ -288,6 +292,14 @@ class ClevrgenPipeline(DiffusionPipeline):
             return images
         array = images.permute(0, 2, 3, 1).numpy()
         return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+def noise_device(generator: torch.Generator | list[torch.Generator] | None) -> torch.device:
+    """Where a call's starting noise is drawn: on its generator's device (a CUDA generator draws
+    on the GPU, as in diffusers' pipelines), else on the CPU, so ``seed=`` and CPU generators
+    give the same images on every device."""
+    first = generator[0] if isinstance(generator, list) and generator else generator
+    return torch.device(getattr(first, "device", None) or "cpu")
 
 
 # --- the functional form, for code that holds a denoiser rather than a pipeline -----------------

@@ -22,16 +22,30 @@ if TYPE_CHECKING:
 
 
 def resolve_device(name: str = "auto") -> "torch.device":
-    """``auto`` is CUDA when there is one, else the CPU; asking for missing CUDA is an error."""
+    """``auto`` is CUDA when there is one, else the CPU; asking for missing CUDA is an error.
+    On CUDA it also turns on the GPU's fast math (:func:`use_fast_cuda_math`)."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and not re.fullmatch(r"cuda(:\d{1,3})?", name):
         raise UsageError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} was asked for, but no CUDA GPU is available: use cpu or auto")
+    if name.startswith("cuda"):
+        use_fast_cuda_math()
     return torch.device(name)
+
+
+def use_fast_cuda_math() -> None:
+    """TF32 for fp32 matmuls and convolutions (what stays fp32 under autocast: the optimizer, the
+    loss, sampling in fp32) and cuDNN's autotuner, which picks the fastest convolution for each
+    of the few shapes a run uses. Settings of PyTorch's, global to the process; CPUs ignore them."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 @functools.cache  # the CPU does not change: ask PyTorch once per dtype, not per sampling batch
@@ -51,15 +65,20 @@ def cpu_has_kernels(dtype: "torch.dtype") -> bool:
 
 def autocast_dtype(precision: str, device: "torch.device", warn_fallback: bool = False) -> "torch.dtype | None":
     """The autocast dtype for a precision setting, or None for plain fp32. "auto" is bf16 on CUDA
-    and fp32 on the CPU. "bf16" and "fp16" mean that precision where the device has kernels for
+    and fp32 on the CPU. bf16 on a GPU without it (before Ampere) is fp16, which trains with
+    :func:`grad_scaler`. "bf16" and "fp16" mean that precision where the device has kernels for
     it: on a CPU without them (:func:`cpu_has_kernels`) they compute in fp32, many times faster there
     (the images differ a little from bf16's; the shipped model scored the same on 8 passes of each
     split); ``warn_fallback`` says so (training)."""
     import torch
 
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        precision = "bf16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if warn_fallback:
+            warn("precision = 'bf16': this GPU has no bf16 (it came with Ampere): computing in fp16 with a loss scaler")
+        return torch.float16
     if dtype is not None and device.type == "cpu" and not cpu_has_kernels(dtype):
         if warn_fallback:
             warn(f"precision = {precision!r}: this CPU has no {precision} kernels (PyTorch sees "
@@ -67,6 +86,15 @@ def autocast_dtype(precision: str, device: "torch.device", warn_fallback: bool =
                  "computing in fp32")
         return None
     return dtype
+
+
+def grad_scaler(device: "torch.device", dtype: "torch.dtype | None") -> "torch.amp.GradScaler | None":
+    """The loss scaler that fp16 training needs (its small range underflows gradients, and an
+    overflow makes them inf): a step whose gradients are not finite is skipped, never applied,
+    and the scale adapts. None for bf16 and fp32, which keep fp32's range."""
+    import torch
+
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def autocast(device: "torch.device", dtype: "torch.dtype | None") -> contextlib.AbstractContextManager:
@@ -193,6 +221,23 @@ class StopVote:
 def is_rank_zero() -> bool:
     """Rank 0 of a torchrun job (or a process run alone): the one that writes the run folder."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def machine_name(device: "torch.device | None" = None) -> str:
+    """The processor's name (a GPU's on CUDA) and core count, for the record of a run or a figure."""
+    import platform
+
+    import torch
+
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def user_cache_dir() -> Path:

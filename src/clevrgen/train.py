@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import signal
 import time
@@ -38,7 +39,8 @@ from clevrgen.runfolder import (  # noqa: F401  (STATE_FILE, METRICS_FILE: the r
     METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, RunLog, checkpoint_note, drop_metrics_after, read_state,
     require_tensorboard, write_state,
 )
-from clevrgen.runtime import SIGNAL_NAMES, StopVote, autocast_dtype, deferred_stop, init_distributed, resolve_device
+from clevrgen.runtime import (SIGNAL_NAMES, StopVote, autocast_dtype, deferred_stop, grad_scaler, init_distributed,
+                              machine_name, resolve_device)
 
 
 class TrainingInterrupted(Interrupted):
@@ -63,8 +65,8 @@ def describe_data(cfg) -> str:
                    if cfg.fresh else "")
 
 
-def init_from(model: LabelConditionedUNet, cfg: Config) -> str:
-    """Load the weights of ``cfg.train.init`` into ``model``; the source, in words, for the record."""
+def init_from(model: LabelConditionedUNet, cfg: Config) -> Path:
+    """Load the weights of ``cfg.train.init`` into ``model``; returns the source's folder."""
     try:
         source = resolve_checkpoint(cfg.train.init)
         trained, source_cfg = load_artifact(source)
@@ -76,7 +78,7 @@ def init_from(model: LabelConditionedUNet, cfg: Config) -> str:
                            f"(model.{differ[0]}: {getattr(source_cfg.model, differ[0])!r}, "
                            f"this config: {getattr(cfg.model, differ[0])!r})"])
     model.load_state_dict(trained.state_dict())
-    return describe_model(source)
+    return source
 
 
 def lr_lambda(warmup: int, steps: int = 0, decay_steps: int = 0, final: float = 0.1):
@@ -121,7 +123,8 @@ def make_ema(model: torch.nn.Module, cfg: Config):
         return PowerEMA(model.parameters(), cfg.train.ema_sigma_rels)
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
+    # foreach: one fused update over all weights, not a kernel launch per tensor (on a GPU)
+    return EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup, foreach=True)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -168,6 +171,7 @@ class Trainer:
         self.ema = make_ema(self.model, cfg) if self.dist.is_main else None
         self.power_ema = bool(cfg.train.ema_sigma_rels)
         self.optimizer = make_optimizer(self.model, cfg)
+        self.scaler = grad_scaler(self.device, self.amp_dtype)  # fp16 only
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_decay_steps, cfg.train.lr_final))
         self.noise_scheduler = training_scheduler(cfg.diffusion)
@@ -197,7 +201,8 @@ class Trainer:
         # Sampling warns beyond max_objects.
         self.training_data = {"max_objects": max(max_objects_of(self.train_set.labels),
                                                  cfg.data.fresh_objects[1] if self.fresh else 0),
-                              "images": len(self.train_set), "data": describe_data(cfg.data)}
+                              "images": len(self.train_set), "data": describe_data(cfg.data),
+                              "machine": machine_name(self.device)}
 
     def build_model(self, resume: bool) -> None:
         """The model (from ``train.init``'s weights, unless a resume's checkpoint brings them),
@@ -208,10 +213,14 @@ class Trainer:
             warn_if_upsampled(cfg.model)
         self.model = build_model(cfg.model)
         if resume:  # the checkpoint holds the weights: the init source is neither read nor needed
-            if init := training_data_of(self.run_dir).get("init"):
-                self.training_data["init"] = init
+            saved = training_data_of(self.run_dir)
+            self.training_data.update({k: saved[k] for k in ("init", "stages") if k in saved})
+            if saved.get("machine") and not saved["machine"].endswith(self.training_data["machine"]):
+                self.training_data["machine"] = f"{saved['machine']}, then {self.training_data['machine']}"
         elif cfg.train.init:
-            self.training_data["init"] = init_from(self.model, cfg)
+            source = init_from(self.model, cfg)
+            # the source's own chain of stages: an export of this run adds this run to it
+            self.training_data.update(init=describe_model(source), stages=training_data_of(source).get("stages", []))
         self.model = self.model.to(self.device)
         set_attention_kernel(self.model, cfg.train.attention_kernel)
         if cfg.train.channels_last:
@@ -236,12 +245,21 @@ class Trainer:
         x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen, fresh)
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss = diffusion_loss(self.forward, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype,
+        # as many object tokens as the data's largest scene: a fixed shape, no step waits for the device
+        denoiser = functools.partial(self.forward, num_objects=self.training_data["max_objects"])
+        loss = diffusion_loss(denoiser, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype,
                               self.cfg.diffusion)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            self.optimizer.step()
+        else:  # fp16: gradients scaled up, checked, unscaled; a non-finite step is skipped
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.lr_schedule.step()
         if self.ema is not None:
             self.ema.step(self.model.parameters())
@@ -266,6 +284,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "world_size": self.dist.world_size,
             "window": {"loss": self.window_loss.detach().cpu(), "steps": self.window_steps},
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def save_checkpoint(self) -> None:
@@ -307,11 +326,27 @@ class Trainer:
         if "window" in state:
             self.window_loss = state["window"]["loss"].to(self.device)
             self.window_steps = int(state["window"]["steps"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
-        if int(state.get("world_size", 1)) == 1 == self.dist.world_size:
-            self.gen.set_state(state["gen"])  # exact continuation of a single-process run
-        else:  # another job shape: each rank draws afresh from (seed, rank, step)
-            self.gen.manual_seed(self.rank_seed(self.step))
+        self.resume_batch_generator(state)
+
+    def resume_batch_generator(self, state: dict) -> None:
+        """The batch generator continues exactly where a single-process run on the same kind of
+        device stopped. Another job shape or another device (a CPU generator's state is 5,056
+        bytes, a CUDA one's 16) cannot take the saved state: each rank draws afresh from (seed,
+        rank, step), as a run started there would, and the main rank says so."""
+        saved = state["gen"]
+        same_shape = int(state.get("world_size", 1)) == 1 == self.dist.world_size
+        if same_shape and saved.numel() == self.gen.get_state().numel():
+            self.gen.set_state(saved)
+            return
+        self.gen.manual_seed(self.rank_seed(self.step))
+        if same_shape and self.dist.is_main:
+            from clevrgen.progress import console
+
+            console.print(f"resuming on {self.device.type}: the checkpoint's batch generator was another device's, "
+                          f"so batches are drawn afresh from step {self.step}")
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / STATE_FILE
@@ -411,7 +446,8 @@ class Trainer:
                     due = due_after(self.step, t)
                     self.bookkeeping(due, log)
                     bar.update(task, completed=self.step, loss=self.loss, ips=self.ips)
-                    if signum := stop_vote(interrupt.signum):  # Ctrl-C or SIGTERM: stop between two whole steps
+                    # Ctrl-C or SIGTERM: stop between two whole steps; under DDP the ranks vote at log steps
+                    if (due.log or not self.dist.enabled) and (signum := stop_vote(interrupt.signum)):
                         self.stop(signum, saved=due.checkpoint)
         except KeyboardInterrupt:
             if interrupt is not None and interrupt.forced:
