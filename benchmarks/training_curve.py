@@ -15,6 +15,12 @@ evaluations is not counted. A run whose windows include pauses or cores shared w
 is timed at one speed instead, measured on the idle machine (``--speed``, images/s):
 
     python benchmarks/training_curve.py runs/final --speed 55.8 --png docs/training_curve.png
+
+A model continued in relay stages keeps its chain in its ``training_data.json`` (``stages``, one
+entry per stage, each with the curve logged while it trained): ``--chain MODEL`` draws the whole
+chain against its total minutes, each stage's start marked.
+
+    python benchmarks/training_curve.py --chain src/clevrgen/assets/model --png docs/training_curve.png
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import argparse
 from pathlib import Path
 
 from clevrgen.config import load_config
-from clevrgen.report import accuracy_curve, plot_accuracy_curve, read_metrics, training_minutes
+from clevrgen.model import training_data_of
+from clevrgen.report import accuracy_curve, chain_curve, plot_accuracy_curve, read_metrics, training_minutes
 
 
 def stage(arg: str) -> tuple[Path, int | None]:
@@ -49,13 +56,18 @@ def chained_curve(stages: list[tuple[Path, int | None]]) -> tuple[list[dict], li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stages", nargs="+", type=stage, metavar="RUN[:STEP]")
+    parser.add_argument("stages", nargs="*", type=stage, metavar="RUN[:STEP]")
+    parser.add_argument("--chain", type=Path, default=None, help="a model folder whose training_data.json lists its stages")
     parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: RUN/accuracy.png)")
     parser.add_argument("--speed", type=float, default=None,
                         help="minutes as images over this many images/s, not the logged windows' speeds")
     args = parser.parse_args()
     if args.speed is not None and not args.speed > 0:
         parser.error(f"--speed: images/s must be above 0 (got {args.speed})")
+    if args.chain is not None:
+        return plot_chain(args.chain, args.png or args.chain / "accuracy.png")
+    if not args.stages:
+        parser.error("name the runs (RUN[:STEP] ...) or --chain MODEL")
     rows, splits = chained_curve(args.stages)
     if args.speed:
         batch = load_config(args.stages[-1][0] / "config.toml").train.batch_size
@@ -72,6 +84,23 @@ def main() -> None:
     plot_accuracy_curve(rows, splits, args.png or last / "accuracy.png",
                         f"{' + '.join(p.name for p, _ in args.stages)}: {s.sampler} {s.steps} steps, "
                         f"guidance {s.guidance}, seed {s.seed}")
+
+
+def plot_chain(model: Path, png: Path) -> None:
+    """The chain of stages recorded in ``model``'s training_data.json: a table and the curve."""
+    stages = training_data_of(model).get("stages")
+    if not stages:
+        raise SystemExit(f"error: {model}/training_data.json records no stages")
+    rows, boundaries = chain_curve(stages)
+    splits = ["test", "new_test"]
+    print("| stage | step | minutes | " + " | ".join(f"{s} top-k" for s in splits) + " |")
+    print("|" + " --- |" * (3 + len(splits)))
+    for r in rows:
+        cells = " | ".join(f"{r.get(f'{s}_topk', float('nan')):.3f}" for s in splits)
+        print(f"| {r['stage']} | {r['step']} | {r['minutes']:.0f} | {cells} |")
+    s = load_config(model / "config.toml").sample
+    plot_accuracy_curve(rows, splits, png, f"{len(stages)} stages (dotted: a stage begins): one pass, seed 0, "
+                        f"{s.sampler} {s.steps} steps, guidance {s.guidance}", boundaries)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def export(
     from clevrgen.model import export_artifact, resolve_checkpoint
     from clevrgen.output import claim_folder
     from clevrgen.pipeline import check_sample_steps
+    from clevrgen.report import with_stage
 
     source = resolve_checkpoint(run)
     if out.resolve() == source.resolve():
@@ -53,10 +54,10 @@ def export(
             model.unet.half()
         record = {**training_data_of(source), "ema_sigma_rel": ema_sigma_rel, "posthoc_ema": weights}
         record["steps"] = step or max(int(k[5:11]) for k in weights)
-        save_artifact(model, chosen, out, record)
+        save_artifact(model, chosen, out, with_stage(record, source, record["steps"]))
     elif step is not None:
         raise UsageError("--step goes with --ema-sigma-rel (a post-hoc average); a run exports its last weights")
     else:
-        export_artifact(source, out, half=not fp32, sample=chosen.sample)
+        export_artifact(source, out, half=not fp32, sample=chosen.sample, stage=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB, {'fp32' if fp32 else 'fp16'} weights) from {source}")
