@@ -225,3 +225,31 @@ def test_export_does_not_copy_weights_that_do_not_fit(runner, tmp_path, model_di
     save_file(weights, str(file))
     expect(runner, ["export", model_dir, "--out", tmp_path / "exp"], 1, "is missing", "do not fit the architecture")
     assert not (tmp_path / "exp").exists()
+
+
+# --- the value rule: a boolean is not a number; a table merges; the run's own files are inputs ---
+@pytest.mark.parametrize("override", ["train.lr=true", "train.steps=true", "sample.guidance=false",
+                                      "train.ema_sigma_rels=[true]", "model.patch_size=true"])
+def test_a_boolean_is_not_a_number(override):
+    with pytest.raises(ConfigError, match=r"a boolean is not a number .*\(given by --set "):
+        load_config("tiny", [override])
+    assert load_config("tiny", ["train.hflip=false", "model.attention=[true, false, true]"]).train.hflip is False
+
+
+def test_an_override_of_a_table_merges_into_it():
+    tiny = load_config("tiny")
+    merged = load_config("tiny", ["train={steps=2}"])
+    assert merged.train.steps == 2
+    assert merged.train.model_copy(update={"steps": tiny.train.steps}) == tiny.train
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"max_objects": "3"}', "max_objects: Input should be a valid integer"),
+    ('{"max_objects": 3', "is unreadable or not JSON"),
+    ('[3]', "expected a JSON object"),
+])
+def test_a_hand_edited_training_record_is_refused_in_one_line(runner, tmp_path, model_dir, content, message):
+    (model_dir / "training_data.json").write_text(content)
+    expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", tmp_path / "s.png", *SAMPLE], 1,
+           "training_data.json", message, "the run folder is damaged")
+    assert not (tmp_path / "s.png").exists()

@@ -262,12 +262,23 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
 
 
 def training_data_of(run_dir: Path) -> dict:
-    """What the run's ``training_data.json`` records ({} for runs saved without one)."""
-    try:
-        record = json.loads((Path(run_dir) / DATA_FILE).read_text())
-    except (OSError, ValueError):
+    """What the run's ``training_data.json`` records ({} for runs saved without one); a file that
+    is not JSON or holds values of the wrong type is a damaged run folder (CheckpointError)."""
+    from clevrgen.config import validate_training_record
+
+    file = Path(run_dir) / DATA_FILE
+    if not file.is_file():
         return {}
-    return record if isinstance(record, dict) else {}
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is unreadable or not JSON ({first_line(exc)}); the run folder is damaged: "
+                              "restore it, or delete it (the model then does not warn about large scenes)") from None
+    problems = validate_training_record(record)
+    if problems:
+        raise CheckpointError(f"{file} is not a valid training record: {'; '.join(problems)}; the run folder is "
+                              "damaged: restore it, or delete it (the model then does not warn about large scenes)")
+    return record
 
 
 def max_objects_of(labels: torch.Tensor) -> int:
