@@ -341,6 +341,61 @@ def claim_folder(folder: Path | str, kind: str, option: str = "--out") -> None:
                      f"new or empty folder or {OWN_OUTPUT[kind]}: choose another {option}")
 
 
+# A file output replaces only a file of its own kind, read from the file's first bytes (its name
+# may lie: `-o RUN/state.pt`): an image over an image, never a checkpoint, weights or a config.
+FILE_KINDS = {
+    "image": "an image",
+    "weights": "safetensors weights",
+    "course_judge": "a course-format judge (.pth)",
+    "torch": "a torch checkpoint",
+    "text": "a text file (a config, JSON or notes)",
+    "other": "a file of another kind",
+}
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def file_kind(path: Path) -> str | None:
+    """What the existing file ``path`` holds, by its first bytes: ``image``, ``weights``
+    (safetensors), ``course_judge`` (a torch file holding only ``model``), ``torch``, ``text`` or
+    ``other``; None for an empty file (nothing to lose)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return None
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 << 20:
+        return "weights"
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        import torch
+
+        try:
+            keys = set(torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK")))
+        except Exception:
+            return "torch"
+        return "course_judge" if keys == {"model"} else "torch"
+    try:
+        head.decode()
+    except UnicodeDecodeError:
+        return "other"
+    return "text"
+
+
+def claim_file(path: Path | str, kind: str, option: str = "--out") -> None:
+    """The one rule for an output file, beside :func:`claim_folder`'s for folders: a new or empty
+    file, or a file of this command's own ``kind`` (an image over an image), may be replaced;
+    a checkpoint, weights, a config or a dataset's JSON never is. Checked before any work."""
+    check_writable(path)
+    target = output_file(path)
+    if not target.is_file():
+        return
+    found = file_kind(target)
+    if found is None or found == kind:
+        return
+    raise UsageError(f"{option} {path} already holds {FILE_KINDS[found]}; this command replaces only "
+                     f"{FILE_KINDS[kind]}: choose another {option}")
+
+
 def output_file(path: Path | str) -> Path:
     """Where a file output really goes: a symbolic link is followed (its target is written; the
     link stays), and a FIFO, a device or a socket is refused, never replaced by a regular file."""

@@ -122,18 +122,30 @@ class ClevrgenPipeline(DiffusionPipeline):
         """diffusers' layout (``model_index.json``, one folder per component, safetensors) plus the
         stub module through which ``DiffusionPipeline.from_pretrained`` finds this class. A
         pipeline loaded from a clevrgen folder also keeps its ``config.toml`` and
-        ``training_data.json``, so the saved folder is a clevrgen model folder too."""
+        ``training_data.json``, so the saved folder is a clevrgen model folder too.
+
+        It follows ``clevrgen export``'s overwrite rule (:func:`clevrgen.output.claim_folder`): a
+        new or empty folder, or an earlier model folder (its config and record replaced too), and
+        never a training run or a folder of other files (UsageError, before anything is written)."""
         import shutil
 
         from clevrgen.model import CONFIG_FILE, DATA_FILE, PIPELINE_DEFAULTS, write_pipeline_index
+        from clevrgen.output import claim_folder
 
-        kwargs.setdefault("safe_serialization", True)
-        super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         source = getattr(self, "run_dir", None)
+        same = source is not None and folder.is_dir() and Path(source).resolve() == folder.resolve()
+        if not same:
+            claim_folder(folder, "model", "save_directory")
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
         for name in (CONFIG_FILE, DATA_FILE):
-            if source is not None and (Path(source) / name).is_file() and Path(source).resolve() != folder.resolve():
+            if same:
+                continue
+            if source is not None and (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, folder / name)
+            else:  # an earlier model's file would describe another model
+                (folder / name).unlink(missing_ok=True)
         write_pipeline_index(folder, {n: getattr(self, n) for n in ("unet", "label_encoder", "scheduler")},
                              {k: self.config[k] for k in PIPELINE_DEFAULTS})
 

@@ -36,10 +36,10 @@ def sample(
 ) -> None:
     from clevrgen.evaluation import save_grid
     from clevrgen.labels import parse_phrases
-    from clevrgen.output import check_writable
+    from clevrgen.output import claim_file
 
     parse_phrases(phrases)  # fail on a bad phrase or an unwritable path before loading anything
-    check_writable(out)
+    claim_file(out, "image", "--out")
     pipeline = load_pipeline(checkpoint, config, overrides, print_config,
                              num=num, seed=seed, steps=steps, sampler=sampler, guidance=guidance)
     s = pipeline.config.sample
