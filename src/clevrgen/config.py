@@ -370,7 +370,9 @@ def _problems(exc: ValidationError, origins: dict[str, str]) -> tuple[list[str],
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    from clevrgen.output import input_file
+
+    if not input_file(path).is_file():
         raise ConfigError([f"{path}: no such config file"])
     try:
         return tomllib.loads(path.read_text())

@@ -21,7 +21,7 @@ from torch import nn
 from clevrgen.config import Config, ModelConfig, SampleConfig, load_config, to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.labels import COLORS, NUM_CLASSES, SHAPES
-from clevrgen.output import atomic_write_text
+from clevrgen.output import atomic_write_text, input_file
 
 UNET_DIR = "unet"
 LABEL_ENCODER_DIR = "label_encoder"
@@ -266,7 +266,7 @@ def training_data_of(run_dir: Path) -> dict:
     is not JSON or holds values of the wrong type is a damaged run folder (CheckpointError)."""
     from clevrgen.config import validate_training_record
 
-    file = Path(run_dir) / DATA_FILE
+    file = input_file(Path(run_dir) / DATA_FILE)
     if not file.is_file():
         return {}
     try:
@@ -302,6 +302,7 @@ def _load_weights(module: nn.Module, file: Path, what: str, rename=lambda key: k
     else one line naming the first tensor that is missing, unexpected or of another shape."""
     from safetensors.torch import load_file
 
+    input_file(file)
     try:
         weights = {rename(k): v for k, v in load_file(str(file)).items()}
     except Exception as exc:  # truncated or not safetensors at all
@@ -319,6 +320,7 @@ def _load_weights(module: nn.Module, file: Path, what: str, rename=lambda key: k
 
 
 def _read_json(file: Path, what: str) -> dict:
+    input_file(file)
     try:
         record = json.loads(file.read_text())
     except (OSError, ValueError) as exc:

@@ -139,10 +139,10 @@ def check_writable(path: Path | str, folder: bool = False) -> None:
     """Fail early, before any work, when ``path`` (a file, or with ``folder`` a folder) cannot be
     written: a folder where a file should go, a file where a folder should go, no permission."""
     path = Path(path)
-    long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
-    if long is not None:
-        raise UsageError(f"cannot write {path}: the name {long[:40]}... is {len(os.fsencode(long))} bytes long; "
-                         f"file systems allow {NAME_MAX} per name")
+    if problem := name_too_long(path):
+        raise UsageError(f"cannot write {path}: {problem}")
+    if link := broken_link(path):
+        raise ClevrgenError(f"cannot write {path}: {describe_broken_link(link)}")
     if not folder:
         path = output_file(path)
     if path.is_dir() and not folder:
@@ -157,6 +157,33 @@ def check_writable(path: Path | str, folder: bool = False) -> None:
         raise ClevrgenError(f"cannot write {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK) or _is_virtual(existing):
         raise ClevrgenError(f"cannot write {path}: {existing} is not writable")
+
+
+def name_too_long(path: Path | str) -> str | None:
+    """Why the OS would refuse ``path`` for a name over :data:`NAME_MAX` bytes, or None: the one
+    check of a name's length, for outputs (before any work) and inputs (the CLI's last net)."""
+    long = next((part for part in Path(path).parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is None:
+        return None
+    return f"the name {long[:40]}... is {len(os.fsencode(long))} bytes long; file systems allow {NAME_MAX} per name"
+
+
+def broken_link(path: Path) -> Path | None:
+    """``path`` or the first of its parents that is a symbolic link leading nowhere (to a missing
+    target, or round a loop): nothing can be written through it."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return p
+    return None
+
+
+def describe_broken_link(link: Path) -> str:
+    try:
+        os.stat(link)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{link} is a symbolic link that loops back on itself: remove it or point it at a folder"
+    return f"{link} is a symbolic link to {os.readlink(link)}, which does not exist: create it or remove the link"
 
 
 def _is_virtual(folder: Path) -> bool:
@@ -410,9 +437,32 @@ def output_file(path: Path | str) -> Path:
         return path
     except OSError as exc:
         raise ClevrgenError(f"cannot write {path}: {exc.strerror}") from None
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        what = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-                else "a block device" if stat.S_ISBLK(mode) else "a socket")
+    if what := _special(mode):
         raise UsageError(f"cannot write {path}: it is {what}, not a regular file; clevrgen writes whole files "
                          "atomically and never replaces a special file: give a file name")
+    return path
+
+
+def _special(mode: int) -> str | None:
+    """What a special file is (a FIFO, a device, a socket), or None for a regular file or folder."""
+    import stat
+
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket")
+
+
+def input_file(path: Path | str) -> Path:
+    """The one rule of which files clevrgen reads: regular files only. A FIFO, a device or a
+    socket is refused before it is opened (opening a FIFO blocks until a writer comes, and no
+    signal ends the wait), in one line. A missing file passes: its reader says what it is."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path
+    if what := _special(mode):
+        raise ClevrgenError(f"cannot read {path}: it is {what}, not a regular file; clevrgen reads only regular "
+                            "files (a FIFO or a device could block forever): replace it with the file itself")
     return path
