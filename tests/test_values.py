@@ -253,3 +253,39 @@ def test_a_hand_edited_training_record_is_refused_in_one_line(runner, tmp_path, 
     expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", tmp_path / "s.png", *SAMPLE], 1,
            "training_data.json", message, "the run folder is damaged")
     assert not (tmp_path / "s.png").exists()
+
+
+def test_a_large_sample_is_drawn_and_written_in_chunks(runner, tmp_path, model_dir, monkeypatch):
+    """`sample -n 100000` needed ~20 GB at once; now memory is one chunk, and the grid is the same."""
+    import numpy as np
+    from PIL import Image
+
+    import clevrgen.commands.sample as sample_command
+    from clevrgen.pipeline import LoadedRun
+
+    calls = []
+    real = LoadedRun.generate
+    monkeypatch.setattr(LoadedRun, "generate", lambda self, scenes, seeds, **kw: calls.append(len(seeds)) or
+                        real(self, scenes, seeds, **kw))
+    args = ["sample", "red sphere", "cyan cube", "blue cube", "gray cube", "--checkpoint", model_dir,
+            "--steps", "1", "--num", "19", "--set", "sample.batch_size=4", "-o"]
+    expect(runner, [*args, tmp_path / "whole.png"], 0, "wrote")
+    monkeypatch.setattr(sample_command, "GRID_CHUNK", 8)
+    result = expect(runner, [*args, tmp_path / "chunked.png"], 0, "wrote")
+    assert calls == [19, 8, 8, 3] and flat(result).count("warning:") == 1
+    grids = [np.asarray(Image.open(tmp_path / name)) for name in ("whole.png", "chunked.png")]
+    assert grids[0].shape == (3 * 66 + 2, 8 * 66 + 2, 3) and np.array_equal(*grids)
+
+
+@pytest.mark.parametrize("count, per_row", [(1, 8), (5, 8), (13, 8), (20, 4)])
+def test_the_streamed_grid_has_make_grids_pixels(tmp_path, count, per_row):
+    import numpy as np
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    from clevrgen.evaluation import write_grid
+
+    images = torch.randint(0, 256, (count, 3, 6, 7), dtype=torch.uint8)
+    save_image(images.float() / 255, tmp_path / "ref.png", nrow=per_row, padding=2)
+    write_grid(tmp_path / "new.png", images.split(2 * per_row), count, per_row)
+    assert np.array_equal(*(np.asarray(Image.open(tmp_path / n)) for n in ("ref.png", "new.png")))
