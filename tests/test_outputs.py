@@ -228,3 +228,52 @@ def test_save_pretrained_follows_exports_overwrite_rule(tmp_path, model_dir):
     bare = ClevrgenPipeline(pipe.unet, pipe.label_encoder, pipe.scheduler)
     bare.save_pretrained(tmp_path / "copy")
     assert not (tmp_path / "copy" / "config.toml").exists()
+
+
+# --- the rerun rule: a command's own unfinished output is its own ------------------------------
+def test_a_commands_own_unfinished_output_is_its_own_to_start_over(tmp_path):
+    """What an export, a training run and a judge's training leave when they stop before their
+    output is whole is theirs to rerun (with a warning that says it starts over), and no one else's."""
+    import warnings
+
+    from clevrgen.output import LOCK_FILE
+
+    full = "".join(f"[{s}]\n" for s in ("data", "model", "diffusion", "train", "sample", "evaluate", "judge"))
+
+    def make(name: str, files: dict[str, str], dirs=()) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for n, text in files.items():
+            (folder / n).write_text(text)
+        for d in dirs:
+            (folder / d).mkdir()
+        return folder
+
+    export = make("export", {"training_data.json": "{}"}, ["unet", ".label_encoder.tmp"])  # stopped by SIGTERM
+    run = make("run", {"config.toml": full, "metrics.jsonl": "{}\n", LOCK_FILE: ""})  # non-finite loss, full disk
+    judge = make("judge", {"config.toml": full, "metrics.jsonl": "{}\n"})  # full disk, SIGTERM
+    user = make("user", {"config.toml": "[train]\nlr = 1\n"})  # a config a user wrote is no one's output
+    assert [folder_kind(f) for f in (export, run, judge, user)] == ["model", "run", "judge", "other"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for folder, kind in ((export, "model"), (run, "run"), (judge, "judge")):
+            claim_folder(folder, kind)
+    assert len(caught) == 3 and all("this is its rerun, which starts it over" in str(w.message) for w in caught)
+    with pytest.raises(UsageError, match="already holds a training run stopped before its first checkpoint"):
+        claim_folder(run, "judge")
+    with pytest.raises(UsageError, match="already holds a judge's training stopped before it saved a judge"):
+        claim_folder(judge, "run")
+    for kind in ("run", "judge", "model"):
+        with pytest.raises(UsageError, match=r"already holds other files \(config.toml\)"):
+            claim_folder(user, kind)
+
+
+def test_a_stopped_export_is_finished_by_the_same_command(runner, tmp_path, model_dir):
+    import shutil
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    shutil.copytree(model_dir / "unet", out / "unet")  # SIGTERM after the UNet, before the rest
+    (out / "training_data.json").write_text("{}")
+    expect(runner, ["export", model_dir, "--out", out], 0, "unfinished export", "starts it over", "wrote")
+    assert folder_kind(out) == "model" and json.loads((out / "training_data.json").read_text())["max_objects"] == 3

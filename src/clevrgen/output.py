@@ -319,15 +319,24 @@ PASSES_DIR = ".passes"
 """An evaluation's finished passes, kept until it is done: a stopped evaluation resumes from them."""
 
 
+def _names(folder: Path) -> set[str]:
+    """The names in ``folder`` that say what it is: not the lock, not a writer's temporaries."""
+    names = {p.name for p in folder.iterdir()} - _INCIDENTAL
+    return {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
+
+
 def folder_kind(folder: Path) -> str | None:
     """What clevrgen output ``folder`` holds, by the files that make it one: ``run``, ``model``,
     ``evaluation``, ``dataset`` or ``judge``; None for an empty folder; ``other`` for anything else."""
-    names = {p.name for p in folder.iterdir()} - _INCIDENTAL
-    names = {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
+    names = _names(folder)
     if not names:
         return None
     weights = any(n.endswith(".safetensors") for n in names)
-    if "state.pt" in names or ({"metrics.jsonl", "config.toml"} <= names and not weights):
+    if "state.pt" in names:
+        return "run"
+    if unfinished := unfinished_kind(folder, names):
+        return unfinished
+    if {"metrics.jsonl", "config.toml"} <= names and not weights:
         return "run"
     if "results.json" in names or PASSES_DIR in names:  # done, or stopped part way
         return "evaluation"
@@ -340,9 +349,46 @@ def folder_kind(folder: Path) -> str | None:
     return "other"
 
 
+# --- the rerun rule: a command's own unfinished output is its own ------------------------------
+# What each writer leaves before its output is whole, so that its rerun (and nothing else) may
+# take the folder over: an export or save_pretrained stopped before config.toml and
+# model_index.json (written last); a training run or a judge's training stopped before its first
+# checkpoint (a disk full, a non-finite loss, a signal), which leaves only its bookkeeping.
+_MODEL_PARTS = {"unet", "label_encoder", "scheduler", "config.toml", "training_data.json", "model_index.json",
+                "pipeline_clevrgen.py", "label_proj.safetensors"}
+_BOOKKEEPING = {"config.toml", "metrics.jsonl", "training_data.json", "loss.png", "samples", "tensorboard"}
+UNFINISHED = {"model": "an unfinished export (stopped before its config.toml and model_index.json)",
+              "run": "a training run stopped before its first checkpoint",
+              "judge": "a judge's training stopped before it saved a judge"}
+
+
+def unfinished_kind(folder: Path, names: set[str] | None = None) -> str | None:
+    """The kind of a command's own output in ``folder`` that stopped before it was whole, or None:
+    ``model``, ``run`` (its folder holds training's lock file) or ``judge``."""
+    if names is None:
+        names = _names(folder)
+    parts = {n[1:].removesuffix(".old") if n.startswith(".") and n.endswith(".old") else n for n in names}
+    if parts & {"unet", "label_encoder", "scheduler"} and parts <= _MODEL_PARTS and "config.toml" not in parts:
+        return "model"
+    if "config.toml" in names and names <= _BOOKKEEPING and _written_by_clevrgen(folder / "config.toml"):
+        return "run" if (folder / LOCK_FILE).exists() else "judge"
+    return None
+
+
+def _written_by_clevrgen(config: Path) -> bool:
+    """A config.toml clevrgen resolved and wrote (every section), not one a user wrote by hand."""
+    try:
+        lines = set(config.read_text().splitlines())
+    except (OSError, UnicodeDecodeError):
+        return False
+    return {"[data]", "[model]", "[diffusion]", "[train]", "[sample]", "[evaluate]", "[judge]"} <= lines
+
+
 def describe_folder(folder: Path) -> str:
     """What is in ``folder``, in words, for a refusal."""
     kind = folder_kind(folder)
+    if (unfinished := unfinished_kind(folder)) is not None and unfinished == kind:
+        return UNFINISHED[kind]
     if kind in FOLDER_KINDS:
         detail = {"run": "state.pt", "model": "config.toml, unet/", "evaluation": "results.json",
                   "dataset": "train.json, iclevr/", "judge": "config.toml, *.safetensors"}[kind]
@@ -362,6 +408,10 @@ def claim_folder(folder: Path | str, kind: str, option: str = "--out") -> None:
     if not folder.is_dir():
         return
     found = folder_kind(folder)
+    if found is not None and found == kind and unfinished_kind(folder) == kind:
+        from clevrgen.errors import warn
+
+        warn(f"{folder} holds {UNFINISHED[kind]}: this is its rerun, which starts it over")
     if found is None or found == kind:
         return
     raise UsageError(f"{option} {folder} already holds {describe_folder(folder)}; this command writes only into a "
