@@ -112,6 +112,11 @@ def test_a_non_finite_loss_before_any_checkpoint_says_none_was_saved(runner, dat
             "--set", f"data.path='{dataset}'", "--set", "train.steps=4"]
     result = expect(runner, args, 1, "the loss became non-finite (nan) by step 1; no checkpoint had been saved yet")
     assert "last good checkpoint" not in flat(result) and not (tmp_path / "r" / "state.pt").exists()
+    # the rerun rule: the same command again starts the run over, and says so
+    monkeypatch.setattr(training, "diffusion_loss", real)
+    expect(runner, args, 0, "a training run stopped before its first checkpoint", "starts it over", "done")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 1  # the stopped run's records are not kept
 
 
 def test_an_unknown_device_is_a_usage_error(runner, tmp_path):
@@ -289,3 +294,29 @@ def test_the_streamed_grid_has_make_grids_pixels(tmp_path, count, per_row):
     save_image(images.float() / 255, tmp_path / "ref.png", nrow=per_row, padding=2)
     write_grid(tmp_path / "new.png", images.split(2 * per_row), count, per_row)
     assert np.array_equal(*(np.asarray(Image.open(tmp_path / n)) for n in ("ref.png", "new.png")))
+
+
+@pytest.mark.parametrize("sigma_rel, total", [(0.001, "0.21"), (0.279, "0.37")])
+def test_an_ema_length_the_snapshots_cannot_reach_is_refused(tmp_path, monkeypatch, sigma_rel, total):
+    """Coefficients summing to 0.21 would scale every exported weight by 0.21: refused, not normalised."""
+    import clevrgen.ema as ema
+    from clevrgen.errors import UsageError
+
+    snaps = [(2, 0.05, tmp_path / "a"), (2, 0.10, tmp_path / "b")]
+    monkeypatch.setattr(ema, "power_snapshots", lambda run: snaps)
+    with pytest.raises(UsageError, match=f"--ema-sigma-rel {sigma_rel:g} at step 2 is out of reach .* sum to {total}, "
+                                         "not 1"):
+        ema.posthoc_model(tmp_path, sigma_rel)
+    for reachable in (0.05, 0.08, 0.10):
+        ema.check_reachable(ema.posthoc_coefficients([2, 2], [0.05, 0.10], 2, reachable), reachable, 2, [0.05, 0.1])
+
+
+def test_resuming_a_classic_ema_as_power_emas_says_why():
+    from clevrgen.ema import PowerEMA
+    from clevrgen.errors import first_line
+
+    ema = PowerEMA([torch.nn.Parameter(torch.zeros(2))], [0.05])
+    with pytest.raises(ValueError) as err:
+        ema.load_state_dict({"decay": 0.9999, "optimization_step": 3, "shadow_params": [torch.zeros(2)]})
+    assert "the checkpoint holds a classic EMA (train.ema_decay) but the config asks for power EMAs" in first_line(
+        err.value) and "train.init=RUN" in first_line(err.value)
