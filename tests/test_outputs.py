@@ -277,3 +277,15 @@ def test_a_stopped_export_is_finished_by_the_same_command(runner, tmp_path, mode
     (out / "training_data.json").write_text("{}")
     expect(runner, ["export", model_dir, "--out", out], 0, "unfinished export", "starts it over", "wrote")
     assert folder_kind(out) == "model" and json.loads((out / "training_data.json").read_text())["max_objects"] == 3
+
+
+def test_a_file_outputs_own_dangling_link_is_still_followed(tmp_path):
+    """Only folders through a broken link are refused: a file output that is a link to a file not
+    yet written writes that file, as any symlink output does."""
+    from clevrgen.output import atomic_write_text, check_writable
+
+    link = tmp_path / "f.png"
+    link.symlink_to(tmp_path / "target.png")
+    check_writable(link)
+    atomic_write_text(link, "x")
+    assert link.is_symlink() and (tmp_path / "target.png").read_text() == "x"

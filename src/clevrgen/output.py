@@ -141,7 +141,8 @@ def check_writable(path: Path | str, folder: bool = False) -> None:
     path = Path(path)
     if problem := name_too_long(path):
         raise UsageError(f"cannot write {path}: {problem}")
-    if link := broken_link(path):
+    # a file output's own dangling link is followed (its target is written); nothing passes a broken folder
+    if link := broken_link(path if folder else path.parent):
         raise ClevrgenError(f"cannot write {path}: {describe_broken_link(link)}")
     if not folder:
         path = output_file(path)
@@ -476,8 +477,6 @@ def claim_file(path: Path | str, kind: str, option: str = "--out") -> None:
 def output_file(path: Path | str) -> Path:
     """Where a file output really goes: a symbolic link is followed (its target is written; the
     link stays), and a FIFO, a device or a socket is refused, never replaced by a regular file."""
-    import stat
-
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
