@@ -130,10 +130,13 @@ def test_special_files_are_named(monkeypatch, tmp_path):
 
 def test_a_symlink_output_writes_its_target_and_stays_a_link(runner, tmp_path, model_dir):
     target, link = tmp_path / "real.png", tmp_path / "link.png"
-    target.write_bytes(b"old")
+    from PIL import Image
+
+    Image.new("RGB", (2, 2)).save(target)  # an image: a file output replaces only its own kind
+    old = target.read_bytes()
     link.symlink_to(target)
     expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", link, *SAMPLE], 0, "wrote")
-    assert link.is_symlink() and target.read_bytes()[:4] == b"\x89PNG"
+    assert link.is_symlink() and target.read_bytes()[:4] == b"\x89PNG" and target.read_bytes() != old
 
 
 def test_a_name_longer_than_the_file_system_allows(runner, tmp_path, model_dir):
@@ -175,3 +178,114 @@ def test_export_sets_only_the_models_sampling_defaults(runner, tmp_path, model_d
     expect(runner, ["export", model_dir, "--out", tmp_path / "x", "--set", "sample.steps=5000"], 2,
            "training timesteps")
     assert not (tmp_path / "x").exists()
+
+
+# --- what a file output may replace: only a file of its own kind --------------------------------
+def test_a_file_output_replaces_only_a_file_of_its_own_kind(runner, tmp_path, model_dir, dataset):
+    run = tmp_path / "run"
+    (run / "unet").mkdir(parents=True)
+    import torch
+
+    torch.save({"model": {}, "step": 3}, run / "state.pt")
+    (run / "config.toml").write_text("[train]\n")
+    before = snapshot(run) | {"train.json": (dataset / "train.json").read_bytes()}
+    sample = ["sample", "red sphere", "--checkpoint", model_dir, *SAMPLE, "-o"]
+    expect(runner, [*sample, run / "state.pt"], 2, f"--out {run / 'state.pt'} already holds a torch checkpoint; "
+           "this command replaces only an image: choose another --out")
+    expect(runner, [*sample, run / "config.toml"], 2, "already holds a text file")
+    expect(runner, [*sample, model_dir / "unet" / "diffusion_pytorch_model.safetensors"], 2,
+           "already holds safetensors weights")
+    expect(runner, ["data", "info", dataset, "--grid", dataset / "train.json"], 2,
+           f"--grid {dataset / 'train.json'} already holds a text file")
+    expect(runner, ["denoise-strip", "red sphere", "--checkpoint", model_dir, "--steps", "1", "-o", run / "state.pt"],
+           2, "already holds a torch checkpoint")
+    expect(runner, ["evaluator", "export", "--out", run / "state.pt"], 2, "replaces only a course-format judge")
+    assert snapshot(run) | {"train.json": (dataset / "train.json").read_bytes()} == before
+    # an image over an image, and an empty file, are replaced
+    expect(runner, [*sample, tmp_path / "a.png"], 0, "wrote")
+    expect(runner, [*sample, tmp_path / "a.png"], 0, "wrote")
+    (tmp_path / "empty.png").touch()
+    expect(runner, [*sample, tmp_path / "empty.png"], 0, "wrote")
+
+
+def test_save_pretrained_follows_exports_overwrite_rule(tmp_path, model_dir):
+    import torch
+
+    from clevrgen import ClevrgenPipeline
+
+    pipe = ClevrgenPipeline.from_pretrained(model_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"step": 3}, run / "state.pt")
+    (run / "config.toml").write_text("[train]\nsteps = 3\n")
+    before = snapshot(run)
+    with pytest.raises(UsageError, match=f"save_directory {run} already holds a training run .*choose another"):
+        pipe.save_pretrained(run)
+    assert snapshot(run) == before
+    # an earlier model folder is replaced whole: no config.toml of the old model survives a pipeline without one
+    pipe.save_pretrained(tmp_path / "copy")
+    assert folder_kind(tmp_path / "copy") == "model"
+    bare = ClevrgenPipeline(pipe.unet, pipe.label_encoder, pipe.scheduler)
+    bare.save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy" / "config.toml").exists()
+
+
+# --- the rerun rule: a command's own unfinished output is its own ------------------------------
+def test_a_commands_own_unfinished_output_is_its_own_to_start_over(tmp_path):
+    """What an export, a training run and a judge's training leave when they stop before their
+    output is whole is theirs to rerun (with a warning that says it starts over), and no one else's."""
+    import warnings
+
+    from clevrgen.output import LOCK_FILE
+
+    full = "".join(f"[{s}]\n" for s in ("data", "model", "diffusion", "train", "sample", "evaluate", "judge"))
+
+    def make(name: str, files: dict[str, str], dirs=()) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for n, text in files.items():
+            (folder / n).write_text(text)
+        for d in dirs:
+            (folder / d).mkdir()
+        return folder
+
+    export = make("export", {"training_data.json": "{}"}, ["unet", ".label_encoder.tmp"])  # stopped by SIGTERM
+    run = make("run", {"config.toml": full, "metrics.jsonl": "{}\n", LOCK_FILE: ""})  # non-finite loss, full disk
+    judge = make("judge", {"config.toml": full, "metrics.jsonl": "{}\n"})  # full disk, SIGTERM
+    user = make("user", {"config.toml": "[train]\nlr = 1\n"})  # a config a user wrote is no one's output
+    assert [folder_kind(f) for f in (export, run, judge, user)] == ["model", "run", "judge", "other"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for folder, kind in ((export, "model"), (run, "run"), (judge, "judge")):
+            claim_folder(folder, kind)
+    assert len(caught) == 3 and all("this is its rerun, which starts it over" in str(w.message) for w in caught)
+    with pytest.raises(UsageError, match="already holds a training run stopped before its first checkpoint"):
+        claim_folder(run, "judge")
+    with pytest.raises(UsageError, match="already holds a judge's training stopped before it saved a judge"):
+        claim_folder(judge, "run")
+    for kind in ("run", "judge", "model"):
+        with pytest.raises(UsageError, match=r"already holds other files \(config.toml\)"):
+            claim_folder(user, kind)
+
+
+def test_a_stopped_export_is_finished_by_the_same_command(runner, tmp_path, model_dir):
+    import shutil
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    shutil.copytree(model_dir / "unet", out / "unet")  # SIGTERM after the UNet, before the rest
+    (out / "training_data.json").write_text("{}")
+    expect(runner, ["export", model_dir, "--out", out], 0, "unfinished export", "starts it over", "wrote")
+    assert folder_kind(out) == "model" and json.loads((out / "training_data.json").read_text())["max_objects"] == 3
+
+
+def test_a_file_outputs_own_dangling_link_is_still_followed(tmp_path):
+    """Only folders through a broken link are refused: a file output that is a link to a file not
+    yet written writes that file, as any symlink output does."""
+    from clevrgen.output import atomic_write_text, check_writable
+
+    link = tmp_path / "f.png"
+    link.symlink_to(tmp_path / "target.png")
+    check_writable(link)
+    atomic_write_text(link, "x")
+    assert link.is_symlink() and (tmp_path / "target.png").read_text() == "x"

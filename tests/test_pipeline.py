@@ -191,3 +191,26 @@ def test_the_shipped_model_loads_with_no_argument():
     assert pipe.config.num_inference_steps == 25 and pipe.config.max_objects == 3
     images = pipe(["red sphere", "cyan cube"], num_inference_steps=2, seed=0).images
     assert images[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scenes": []}, "nothing to draw"),
+    ({"num_inference_steps": 0}, "num_inference_steps 0: must be from 1 to 50"),
+    ({"num_inference_steps": True}, "num_inference_steps True: give an integer"),
+    ({"guidance_scale": float("nan")}, "guidance_scale nan: must be from 0.0 to 100.0"),
+    ({"guidance_scale": float("inf")}, "guidance_scale inf"),
+    ({"batch_size": 0}, "batch_size 0: must be from 1"),
+    ({"seed": 2**70}, "seed 1180591620717411303424: must be from 0 to 9007199254740992"),
+    ({"seed": -1}, "seed -1"),
+    ({"callback_on_step_end": lambda p, i, t, kw: 3}, "callback_on_step_end returned int"),
+    ({"scenes": None, "labels": torch.ones(2, 5)}, "labels [2, 5]: give multi-hot labels [N, 24]"),
+    ({"scenes": None, "labels": torch.full((1, 24), float("nan"))}, "every entry 0 or 1"),
+    ({"latents": torch.full((1, 3, 64, 64), float("nan"))}, "latents hold NaN"),
+    ({"latents": torch.zeros(1, 3, 32, 32)}, "latents [1, 3, 32, 32]: this model draws from noise [1, 3, 64, 64]"),
+])
+def test_the_pipeline_refuses_bad_arguments_with_clevrgens_error(pipe, kwargs, message):
+    from clevrgen.errors import UsageError
+
+    args = {"scenes": ["red sphere"], "seed": 0, "output_type": "pt", **kwargs}
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        pipe(**args)

@@ -636,3 +636,55 @@ def test_sigterm_during_an_evaluation_stops_in_one_line(runner, run, tmp_path, m
     expect(runner, ["evaluate", "--checkpoint", run, "--split", "test", "--out", out, "--steps", "1"], 143,
            "stopped by SIGTERM; no file was left half-written: run the same command again")
     assert not (out / "results.json").exists() and not [p.name for p in tmp_path.rglob(".*.tmp")]
+
+
+# --- paths the OS refuses, and files that are not files ----------------------------------------
+def test_an_input_name_longer_than_the_file_system_allows(runner, run, dataset, tmp_path):
+    long = tmp_path / ("x" * 300)
+    message = "is 300 bytes long; file systems allow 255 per name"
+    out = ["-o", tmp_path / "o.png", "--steps", "1", "--num", "1"]
+    expect(runner, ["sample", "red sphere", "--checkpoint", long, *out], 2, f"cannot read {long}", message)
+    expect(runner, ["sample", "red sphere", "--checkpoint", run, "--config", long, *out], 2, message)
+    expect(runner, ["evaluate", "--checkpoint", run, "--split", long, "--out", tmp_path / "ev"], 2, message)
+    expect(runner, ["data", "info", long, "--grid", tmp_path / "g.png"], 2, message)
+    expect(runner, ["export", long, "--out", tmp_path / "exp"], 2, message)
+    expect(runner, ["train", "--config", "tiny", "--set", f"data.path='{long}'", "--out", tmp_path / "r"], 2, message)
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_an_output_folder_through_a_broken_symlink_is_refused_before_any_work(runner, run, dataset, tmp_path, kind):
+    link = tmp_path / "link"
+    link.symlink_to(link if kind == "loop" else tmp_path / "nowhere")
+    said = "loops back on itself" if kind == "loop" else "which does not exist"
+    args = ["train", *[x for s in TINY for x in ("--set", s)], "--set", f"data.path='{dataset}'", "--set", "train.steps=1"]
+    expect(runner, [*args, "--out", link], 1, f"cannot write {link}: {link} is a symbolic link", said)
+    expect(runner, [*args, "--out", link / "run"], 1, said)
+    expect(runner, ["export", run, "--out", link], 1, said)
+    expect(runner, ["data", "render", "--out", link, "--random", "1"], 1, said)
+    expect(runner, ["evaluate", "--checkpoint", run, "--split", "test", "--out", link], 1, said)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_special_file_is_never_opened_for_reading(tmp_path):
+    """A dataset image that is a FIFO would block `open` forever: refused by its kind instead
+    (in a subprocess with a timeout, so that a regression fails rather than hangs)."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_dataset(tmp_path / "data", scenes=1)
+    image = next((data / "iclevr").iterdir())
+    image.unlink()
+    os.mkfifo(image)
+    env = {**os.environ, "PYTHONPATH": str(SRC.parent)}
+    result = subprocess.run([sys.executable, "-m", "clevrgen", "data", "info", str(data), "--grid", str(tmp_path / "g.png")],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot read {image}: it is a FIFO, not a regular file" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    from clevrgen.errors import ClevrgenError
+    from clevrgen.output import input_file
+
+    for reader in (lambda: load_config(image), lambda: __import__("clevrgen.labels").labels.load_label_sets(str(image))):
+        with pytest.raises(ClevrgenError, match="it is a FIFO"):
+            reader()

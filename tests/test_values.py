@@ -112,6 +112,11 @@ def test_a_non_finite_loss_before_any_checkpoint_says_none_was_saved(runner, dat
             "--set", f"data.path='{dataset}'", "--set", "train.steps=4"]
     result = expect(runner, args, 1, "the loss became non-finite (nan) by step 1; no checkpoint had been saved yet")
     assert "last good checkpoint" not in flat(result) and not (tmp_path / "r" / "state.pt").exists()
+    # the rerun rule: the same command again starts the run over, and says so
+    monkeypatch.setattr(training, "diffusion_loss", real)
+    expect(runner, args, 0, "a training run stopped before its first checkpoint", "starts it over", "done")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 1  # the stopped run's records are not kept
 
 
 def test_an_unknown_device_is_a_usage_error(runner, tmp_path):
@@ -225,3 +230,93 @@ def test_export_does_not_copy_weights_that_do_not_fit(runner, tmp_path, model_di
     save_file(weights, str(file))
     expect(runner, ["export", model_dir, "--out", tmp_path / "exp"], 1, "is missing", "do not fit the architecture")
     assert not (tmp_path / "exp").exists()
+
+
+# --- the value rule: a boolean is not a number; a table merges; the run's own files are inputs ---
+@pytest.mark.parametrize("override", ["train.lr=true", "train.steps=true", "sample.guidance=false",
+                                      "train.ema_sigma_rels=[true]", "model.patch_size=true"])
+def test_a_boolean_is_not_a_number(override):
+    with pytest.raises(ConfigError, match=r"a boolean is not a number .*\(given by --set "):
+        load_config("tiny", [override])
+    assert load_config("tiny", ["train.hflip=false", "model.attention=[true, false, true]"]).train.hflip is False
+
+
+def test_an_override_of_a_table_merges_into_it():
+    tiny = load_config("tiny")
+    merged = load_config("tiny", ["train={steps=2}"])
+    assert merged.train.steps == 2
+    assert merged.train.model_copy(update={"steps": tiny.train.steps}) == tiny.train
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"max_objects": "3"}', "max_objects: Input should be a valid integer"),
+    ('{"max_objects": 3', "is unreadable or not JSON"),
+    ('[3]', "expected a JSON object"),
+])
+def test_a_hand_edited_training_record_is_refused_in_one_line(runner, tmp_path, model_dir, content, message):
+    (model_dir / "training_data.json").write_text(content)
+    expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", tmp_path / "s.png", *SAMPLE], 1,
+           "training_data.json", message, "the run folder is damaged")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_large_sample_is_drawn_and_written_in_chunks(runner, tmp_path, model_dir, monkeypatch):
+    """`sample -n 100000` needed ~20 GB at once; now memory is one chunk, and the grid is the same."""
+    import numpy as np
+    from PIL import Image
+
+    import clevrgen.commands.sample as sample_command
+    from clevrgen.pipeline import LoadedRun
+
+    calls = []
+    real = LoadedRun.generate
+    monkeypatch.setattr(LoadedRun, "generate", lambda self, scenes, seeds, **kw: calls.append(len(seeds)) or
+                        real(self, scenes, seeds, **kw))
+    args = ["sample", "red sphere", "cyan cube", "blue cube", "gray cube", "--checkpoint", model_dir,
+            "--steps", "1", "--num", "19", "--set", "sample.batch_size=4", "-o"]
+    expect(runner, [*args, tmp_path / "whole.png"], 0, "wrote")
+    monkeypatch.setattr(sample_command, "GRID_CHUNK", 8)
+    result = expect(runner, [*args, tmp_path / "chunked.png"], 0, "wrote")
+    assert calls == [19, 8, 8, 3] and flat(result).count("warning:") == 1
+    grids = [np.asarray(Image.open(tmp_path / name)) for name in ("whole.png", "chunked.png")]
+    assert grids[0].shape == (3 * 66 + 2, 8 * 66 + 2, 3) and np.array_equal(*grids)
+
+
+@pytest.mark.parametrize("count, per_row", [(1, 8), (5, 8), (13, 8), (20, 4)])
+def test_the_streamed_grid_has_make_grids_pixels(tmp_path, count, per_row):
+    import numpy as np
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    from clevrgen.evaluation import write_grid
+
+    images = torch.randint(0, 256, (count, 3, 6, 7), dtype=torch.uint8)
+    save_image(images.float() / 255, tmp_path / "ref.png", nrow=per_row, padding=2)
+    write_grid(tmp_path / "new.png", images.split(2 * per_row), count, per_row)
+    assert np.array_equal(*(np.asarray(Image.open(tmp_path / n)) for n in ("ref.png", "new.png")))
+
+
+@pytest.mark.parametrize("sigma_rel, total", [(0.001, "0.21"), (0.279, "0.37")])
+def test_an_ema_length_the_snapshots_cannot_reach_is_refused(tmp_path, monkeypatch, sigma_rel, total):
+    """Coefficients summing to 0.21 would scale every exported weight by 0.21: refused, not normalised."""
+    import clevrgen.ema as ema
+    from clevrgen.errors import UsageError
+
+    snaps = [(2, 0.05, tmp_path / "a"), (2, 0.10, tmp_path / "b")]
+    monkeypatch.setattr(ema, "power_snapshots", lambda run: snaps)
+    with pytest.raises(UsageError, match=f"--ema-sigma-rel {sigma_rel:g} at step 2 is out of reach .* sum to {total}, "
+                                         "not 1"):
+        ema.posthoc_model(tmp_path, sigma_rel)
+    for reachable in (0.05, 0.08, 0.10):
+        ema.check_reachable(ema.posthoc_coefficients([2, 2], [0.05, 0.10], 2, reachable), reachable, 2, [0.05, 0.1])
+
+
+def test_resuming_a_classic_ema_as_power_emas_says_why():
+    from clevrgen.ema import PowerEMA
+    from clevrgen.errors import first_line
+
+    ema = PowerEMA([torch.nn.Parameter(torch.zeros(2))], [0.05])
+    with pytest.raises(ValueError) as err:
+        ema.load_state_dict({"decay": 0.9999, "optimization_step": 3, "shadow_params": [torch.zeros(2)]})
+    assert "the checkpoint holds a classic EMA (train.ema_decay) but the config asks for power EMAs" in first_line(
+        err.value) and "train.init=RUN" in first_line(err.value)

@@ -5,6 +5,7 @@ Nothing heavy is imported here (torch, diffusers): ``clevrgen --help`` stays ins
 
 from __future__ import annotations
 
+import errno
 import warnings
 
 import typer
@@ -16,7 +17,7 @@ from clevrgen import __version__
 from clevrgen.commands import data, denoise_strip, evaluate, evaluator, export, sample, train
 from clevrgen.errors import ClevrgenError, ClevrgenWarning
 from clevrgen.runtime import StopSignal, sigterm_raises
-from clevrgen.output import DISK_ERRNOS
+from clevrgen.output import DISK_ERRNOS, name_too_long
 
 err_console = Console(stderr=True)
 
@@ -42,7 +43,7 @@ class ClevrgenGroup(TyperGroup):
         except (ClevrgenError, StopSignal, KeyboardInterrupt, OSError) as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            if isinstance(exc, OSError) and exc.errno not in DISK_ERRNOS:
+            if isinstance(exc, OSError) and exc.errno not in DISK_ERRNOS | {errno.ENAMETOOLONG}:
                 raise  # not the user's: a bug
             message, code = _one_line(exc)
             # soft_wrap: long paths stay whole (copyable); the terminal wraps the line.
@@ -60,6 +61,8 @@ def _one_line(exc: BaseException) -> tuple[str, int]:
         name, code = ("SIGTERM", 143) if isinstance(exc, StopSignal) else ("Ctrl-C", 130)
         return (f"stopped by {name}; no file was left half-written: run the same command again to finish "
                 "(data render, evaluate and train --resume go on from where they stopped)"), code
+    if exc.errno == errno.ENAMETOOLONG:  # an input path (outputs are checked before any work)
+        return f"cannot read {exc.filename}: {name_too_long(exc.filename or '') or exc.strerror}", 2
     return f"cannot write {exc.filename or 'a file'}: {exc.strerror}", 1
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -39,9 +39,28 @@ MAX_GUIDANCE = 100.0
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
+def _admits_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_admits_bool(a) for a in get_args(annotation))
+
+
+def _holds_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(_holds_bool(v) for v in value))
+
+
 class Section(BaseModel):
     # inf and nan are refused everywhere: every number has a finite range
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_boolean_is_not_a_number(cls, value: Any, info) -> Any:
+        """The value rule: a boolean is only a boolean. Pydantic would read ``true`` as 1 (or 1.0),
+        so ``--set train.lr=true`` trained at lr 1; only on/off settings take true or false."""
+        if _holds_bool(value) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            shown = str(value).lower() if isinstance(value, bool) else str(value).replace("True", "true").replace(
+                "False", "false")
+            raise ValueError(f"a boolean is not a number or a name (got {shown}): give a value of this setting's type")
+        return value
 
 
 class DataConfig(Section):
@@ -263,6 +282,32 @@ class Config(Section):
     judge: JudgeConfig = JudgeConfig()
 
 
+class TrainingRecord(BaseModel):
+    """A run's ``training_data.json`` (what the model saw), read as strictly as any input: a
+    hand-edited ``"max_objects": "3"`` is refused, not compared with an int mid-sampling."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    max_objects: int | None = Field(None, ge=0, le=24)
+    images: int | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=0)
+    data: str | None = None
+    init: str | None = None
+    ema_sigma_rel: float | None = Field(None, gt=0.0)
+    posthoc_ema: dict[str, float] | None = None
+    schedule: str | None = None
+
+
+def validate_training_record(record: Any) -> list[str]:
+    """The problems of a ``training_data.json`` record, one ``key: message`` each (none: valid)."""
+    if not isinstance(record, dict):
+        return ["expected a JSON object"]
+    try:
+        TrainingRecord.model_validate(record)
+    except ValidationError as exc:
+        return _problems(exc, {})[0]
+    return []
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``train.lr=2e-4`` -> (["train", "lr"], 2e-4); the value is a TOML literal (bare words
     are taken as strings)."""
@@ -277,6 +322,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _merge_table(node: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``node[key] = value``, but a table given for a table merges into it, key by key: ``--set
+    'train={steps=2}'`` changes train.steps and keeps every other [train] value of the file."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for k, v in value.items():
+            _merge_table(node[key], k, v)
+    else:
+        node[key] = value
+
+
 def merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
@@ -286,7 +341,7 @@ def merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError([f"{'.'.join(path)}: {part} is not a section"], source="override")
             node = child
-        node[path[-1]] = value
+        _merge_table(node, path[-1], value)
     return raw
 
 
@@ -316,7 +371,9 @@ def _problems(exc: ValidationError, origins: dict[str, str]) -> tuple[list[str],
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    from clevrgen.output import input_file
+
+    if not input_file(path).is_file():
         raise ConfigError([f"{path}: no such config file"])
     try:
         return tomllib.loads(path.read_text())

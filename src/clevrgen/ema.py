@@ -89,6 +89,11 @@ class PowerEMA:
         return {"sigma_rels": self.sigma_rels, "step": self.updates, "averages": self.averages}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "sigma_rels" not in state:  # a classic EMA's state (ema_decay)
+            raise ValueError("the checkpoint holds a classic EMA (train.ema_decay) but the config asks for power "
+                             "EMAs (train.ema_sigma_rels), and the kind of average cannot change on a resume: "
+                             "remove train.ema_sigma_rels from RUN/config.toml, or start a new run from these "
+                             "weights with train.init=RUN")
         if [round(s, 9) for s in state["sigma_rels"]] != [round(s, 9) for s in self.sigma_rels]:
             raise ValueError(f"the checkpoint tracks EMAs of sigma_rel {state['sigma_rels']}, the config "
                              f"{self.sigma_rels}")
@@ -115,6 +120,25 @@ def power_snapshots(run_dir) -> list[tuple[int, float, "object"]]:
     return found
 
 
+REACH_TOLERANCE = 0.05
+"""How far from 1 the coefficients of a post-hoc average may sum (the shipped model's 0.15 from
+snapshots of 0.05 and 0.10 over 6 steps: 0.987) before the length counts as out of reach."""
+
+
+def check_reachable(x: np.ndarray, sigma_rel: float, step: int, sigma_rels: Sequence[float]) -> None:
+    """Refuse (never normalise) a length the snapshots cannot build: coefficients that do not sum
+    to about 1 would scale every weight of the exported model (0.001 at an early step: by 0.21)."""
+    from clevrgen.errors import UsageError
+
+    total = float(np.sum(x))
+    if abs(total - 1.0) > REACH_TOLERANCE:
+        raise UsageError(
+            f"--ema-sigma-rel {sigma_rel:g} at step {step} is out of reach of the run's snapshots (sigma_rel "
+            f"{', '.join(f'{s:g}' for s in sigma_rels)}): their best combination's coefficients sum to {total:.2f}, "
+            "not 1, so the exported weights would be scaled down. Choose a length nearer the snapshots' "
+            "(or a later --step, with more snapshots)")
+
+
 def posthoc_model(run_dir, sigma_rel: float, step: int | None = None):
     """The model whose weights are the power-function EMA of relative length ``sigma_rel`` at
     ``step`` (default: the last snapshot's), synthesized from the run's snapshots; with its config
@@ -132,6 +156,7 @@ def posthoc_model(run_dir, sigma_rel: float, step: int | None = None):
         raise UsageError(f"--step {step}: the run's snapshots are at steps "
                          f"{', '.join(str(s) for s in sorted({s for s, _, _ in snaps}))}")
     x = posthoc_coefficients([s for s, _, _ in used], [r for _, r, _ in used], step, sigma_rel)
+    check_reachable(x, sigma_rel, step, sorted({r for _, r, _ in used}))
     model, config = load_artifact(used[0][2])
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in model.state_dict().items()}
     for weight, (_, _, folder) in zip(x, used):

@@ -31,10 +31,51 @@ def write_image_folder(out: Path, images: torch.Tensor, scenes: list[list[str]])
 
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int = 8) -> None:
-    from torchvision.utils import save_image
+    """uint8 images [N, 3, H, W] as one PNG grid (torchvision's ``make_grid`` layout, padding 2)."""
+    write_grid(path, [images], len(images), per_row)
 
-    with atomic_path(path) as tmp:
-        save_image(images.float() / 255, tmp, nrow=per_row, padding=2, format="png")
+
+def write_grid(path: Path, batches, count: int, per_row: int = 8, padding: int = 2) -> None:
+    """A PNG grid of ``count`` uint8 images that arrive in ``batches`` (each a multiple of
+    ``per_row``, but the last), written band by band as they come: the memory is one batch,
+    not the grid (``sample -n 100000`` would need some 20 GB at once). The pixels are those of
+    torchvision's ``save_image(make_grid(...))``."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    def chunk(f, kind: bytes, data: bytes) -> None:
+        f.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
+
+    columns, rows = min(per_row, count), -(-count // per_row)
+    padding = 0 if count == 1 else padding  # make_grid returns a lone image unpadded
+    done = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        header = None
+        packer = zlib.compressobj(6)
+        for batch in batches:
+            n, _, h, w = batch.shape
+            if header is None:
+                header = (h + padding, w + padding)
+                width = columns * header[1] + padding
+                chunk(f, b"IHDR", struct.pack(">IIBBBBB", width, rows * header[0] + padding, 8, 2, 0, 0, 0))
+                top = np.zeros((padding, width * 3 + 1), np.uint8)
+                chunk(f, b"IDAT", packer.compress(top.tobytes()))
+            band_rows = -(-n // per_row)
+            band = np.zeros((band_rows * header[0], width, 3), np.uint8)
+            cells = batch.permute(0, 2, 3, 1).cpu().numpy()
+            for i in range(n):
+                y, x = (i // per_row) * header[0], (i % per_row) * header[1] + padding
+                band[y:y + h, x:x + w] = cells[i]
+            lines = np.concatenate([np.zeros((len(band), 1), np.uint8), band.reshape(len(band), -1)], axis=1)
+            chunk(f, b"IDAT", packer.compress(lines.tobytes()))  # filter 0 on every line
+            done += n
+        if done != count:
+            raise ValueError(f"write_grid: {done} images arrived, {count} were announced")
+        chunk(f, b"IDAT", packer.flush())
+        chunk(f, b"IEND", b"")
 
 
 def pass_key(pipeline: LoadedRun, scenes: list[list[str]]) -> str:

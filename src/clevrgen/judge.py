@@ -24,8 +24,13 @@ from clevrgen.config import JudgeConfig
 from clevrgen.data.iclevr import ImageSet, to_float
 from clevrgen.errors import CheckpointError
 from clevrgen.labels import NUM_CLASSES, PHRASES, asset_path
+<<<<<<< HEAD
 from clevrgen.runtime import autocast, autocast_dtype, grad_scaler, resolve_device
 from clevrgen.output import atomic_path
+=======
+from clevrgen.runtime import autocast, autocast_dtype, resolve_device
+from clevrgen.output import atomic_path, input_file
+>>>>>>> issue38
 
 ARCHITECTURE = "torchvision.models.resnet18(weights=None), fc=Sequential(Linear(512, 24), Sigmoid())"
 FORMAT = "clevrgen-judge"
@@ -116,7 +121,7 @@ def load_judge(path: Path | None = None, device: torch.device | str = "cpu") -> 
     """A judge in eval mode: ``path`` is a course ``.pth`` or a clevrgen ``.safetensors``;
     None loads the shipped judge. It outputs probabilities [B, 24]."""
     shipped = path is None
-    path = asset_path(SHIPPED) if shipped else Path(path)
+    path = asset_path(SHIPPED) if shipped else input_file(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a judge: pass a course .pth or a clevrgen judge .safetensors")
     if not path.is_file():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clevrgen.errors import DataError, PhraseError
+from clevrgen.output import input_file
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +127,7 @@ def load_label_sets(split: str) -> list[list[str]]:
     if split in SPLITS:
         scenes = [list(s) for s in shipped_split(split)]
     else:
-        path = Path(split)
+        path = input_file(split)
         if not path.is_file():
             raise DataError(
                 f"no such split or file: {split} (use one of {', '.join(SPLITS)}, or a JSON file "

@@ -21,7 +21,7 @@ from torch import nn
 from clevrgen.config import Config, ModelConfig, SampleConfig, load_config, to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.labels import COLORS, NUM_CLASSES, SHAPES
-from clevrgen.output import atomic_write_text
+from clevrgen.output import atomic_write_text, input_file
 
 UNET_DIR = "unet"
 LABEL_ENCODER_DIR = "label_encoder"
@@ -284,12 +284,23 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
 
 
 def training_data_of(run_dir: Path) -> dict:
-    """What the run's ``training_data.json`` records ({} for runs saved without one)."""
-    try:
-        record = json.loads((Path(run_dir) / DATA_FILE).read_text())
-    except (OSError, ValueError):
+    """What the run's ``training_data.json`` records ({} for runs saved without one); a file that
+    is not JSON or holds values of the wrong type is a damaged run folder (CheckpointError)."""
+    from clevrgen.config import validate_training_record
+
+    file = input_file(Path(run_dir) / DATA_FILE)
+    if not file.is_file():
         return {}
-    return record if isinstance(record, dict) else {}
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is unreadable or not JSON ({first_line(exc)}); the run folder is damaged: "
+                              "restore it, or delete it (the model then does not warn about large scenes)") from None
+    problems = validate_training_record(record)
+    if problems:
+        raise CheckpointError(f"{file} is not a valid training record: {'; '.join(problems)}; the run folder is "
+                              "damaged: restore it, or delete it (the model then does not warn about large scenes)")
+    return record
 
 
 def max_objects_of(labels: torch.Tensor) -> int:
@@ -313,6 +324,7 @@ def _load_weights(module: nn.Module, file: Path, what: str, rename=lambda key: k
     else one line naming the first tensor that is missing, unexpected or of another shape."""
     from safetensors.torch import load_file
 
+    input_file(file)
     try:
         weights = {rename(k): v for k, v in load_file(str(file)).items()}
     except Exception as exc:  # truncated or not safetensors at all
@@ -330,6 +342,7 @@ def _load_weights(module: nn.Module, file: Path, what: str, rename=lambda key: k
 
 
 def _read_json(file: Path, what: str) -> dict:
+    input_file(file)
     try:
         record = json.loads(file.read_text())
     except (OSError, ValueError) as exc:

@@ -139,10 +139,11 @@ def check_writable(path: Path | str, folder: bool = False) -> None:
     """Fail early, before any work, when ``path`` (a file, or with ``folder`` a folder) cannot be
     written: a folder where a file should go, a file where a folder should go, no permission."""
     path = Path(path)
-    long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
-    if long is not None:
-        raise UsageError(f"cannot write {path}: the name {long[:40]}... is {len(os.fsencode(long))} bytes long; "
-                         f"file systems allow {NAME_MAX} per name")
+    if problem := name_too_long(path):
+        raise UsageError(f"cannot write {path}: {problem}")
+    # a file output's own dangling link is followed (its target is written); nothing passes a broken folder
+    if link := broken_link(path if folder else path.parent):
+        raise ClevrgenError(f"cannot write {path}: {describe_broken_link(link)}")
     if not folder:
         path = output_file(path)
     if path.is_dir() and not folder:
@@ -157,6 +158,33 @@ def check_writable(path: Path | str, folder: bool = False) -> None:
         raise ClevrgenError(f"cannot write {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK) or _is_virtual(existing):
         raise ClevrgenError(f"cannot write {path}: {existing} is not writable")
+
+
+def name_too_long(path: Path | str) -> str | None:
+    """Why the OS would refuse ``path`` for a name over :data:`NAME_MAX` bytes, or None: the one
+    check of a name's length, for outputs (before any work) and inputs (the CLI's last net)."""
+    long = next((part for part in Path(path).parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is None:
+        return None
+    return f"the name {long[:40]}... is {len(os.fsencode(long))} bytes long; file systems allow {NAME_MAX} per name"
+
+
+def broken_link(path: Path) -> Path | None:
+    """``path`` or the first of its parents that is a symbolic link leading nowhere (to a missing
+    target, or round a loop): nothing can be written through it."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return p
+    return None
+
+
+def describe_broken_link(link: Path) -> str:
+    try:
+        os.stat(link)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{link} is a symbolic link that loops back on itself: remove it or point it at a folder"
+    return f"{link} is a symbolic link to {os.readlink(link)}, which does not exist: create it or remove the link"
 
 
 def _is_virtual(folder: Path) -> bool:
@@ -292,15 +320,24 @@ PASSES_DIR = ".passes"
 """An evaluation's finished passes, kept until it is done: a stopped evaluation resumes from them."""
 
 
+def _names(folder: Path) -> set[str]:
+    """The names in ``folder`` that say what it is: not the lock, not a writer's temporaries."""
+    names = {p.name for p in folder.iterdir()} - _INCIDENTAL
+    return {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
+
+
 def folder_kind(folder: Path) -> str | None:
     """What clevrgen output ``folder`` holds, by the files that make it one: ``run``, ``model``,
     ``evaluation``, ``dataset`` or ``judge``; None for an empty folder; ``other`` for anything else."""
-    names = {p.name for p in folder.iterdir()} - _INCIDENTAL
-    names = {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
+    names = _names(folder)
     if not names:
         return None
     weights = any(n.endswith(".safetensors") for n in names)
-    if "state.pt" in names or ({"metrics.jsonl", "config.toml"} <= names and not weights):
+    if "state.pt" in names:
+        return "run"
+    if unfinished := unfinished_kind(folder, names):
+        return unfinished
+    if {"metrics.jsonl", "config.toml"} <= names and not weights:
         return "run"
     if "results.json" in names or PASSES_DIR in names:  # done, or stopped part way
         return "evaluation"
@@ -313,9 +350,46 @@ def folder_kind(folder: Path) -> str | None:
     return "other"
 
 
+# --- the rerun rule: a command's own unfinished output is its own ------------------------------
+# What each writer leaves before its output is whole, so that its rerun (and nothing else) may
+# take the folder over: an export or save_pretrained stopped before config.toml and
+# model_index.json (written last); a training run or a judge's training stopped before its first
+# checkpoint (a disk full, a non-finite loss, a signal), which leaves only its bookkeeping.
+_MODEL_PARTS = {"unet", "label_encoder", "scheduler", "config.toml", "training_data.json", "model_index.json",
+                "pipeline_clevrgen.py", "label_proj.safetensors"}
+_BOOKKEEPING = {"config.toml", "metrics.jsonl", "training_data.json", "loss.png", "samples", "tensorboard"}
+UNFINISHED = {"model": "an unfinished export (stopped before its config.toml and model_index.json)",
+              "run": "a training run stopped before its first checkpoint",
+              "judge": "a judge's training stopped before it saved a judge"}
+
+
+def unfinished_kind(folder: Path, names: set[str] | None = None) -> str | None:
+    """The kind of a command's own output in ``folder`` that stopped before it was whole, or None:
+    ``model``, ``run`` (its folder holds training's lock file) or ``judge``."""
+    if names is None:
+        names = _names(folder)
+    parts = {n[1:].removesuffix(".old") if n.startswith(".") and n.endswith(".old") else n for n in names}
+    if parts & {"unet", "label_encoder", "scheduler"} and parts <= _MODEL_PARTS and "config.toml" not in parts:
+        return "model"
+    if "config.toml" in names and names <= _BOOKKEEPING and _written_by_clevrgen(folder / "config.toml"):
+        return "run" if (folder / LOCK_FILE).exists() else "judge"
+    return None
+
+
+def _written_by_clevrgen(config: Path) -> bool:
+    """A config.toml clevrgen resolved and wrote (every section), not one a user wrote by hand."""
+    try:
+        lines = set(config.read_text().splitlines())
+    except (OSError, UnicodeDecodeError):
+        return False
+    return {"[data]", "[model]", "[diffusion]", "[train]", "[sample]", "[evaluate]", "[judge]"} <= lines
+
+
 def describe_folder(folder: Path) -> str:
     """What is in ``folder``, in words, for a refusal."""
     kind = folder_kind(folder)
+    if (unfinished := unfinished_kind(folder)) is not None and unfinished == kind:
+        return UNFINISHED[kind]
     if kind in FOLDER_KINDS:
         detail = {"run": "state.pt", "model": "config.toml, unet/", "evaluation": "results.json",
                   "dataset": "train.json, iclevr/", "judge": "config.toml, *.safetensors"}[kind]
@@ -335,17 +409,74 @@ def claim_folder(folder: Path | str, kind: str, option: str = "--out") -> None:
     if not folder.is_dir():
         return
     found = folder_kind(folder)
+    if found is not None and found == kind and unfinished_kind(folder) == kind:
+        from clevrgen.errors import warn
+
+        warn(f"{folder} holds {UNFINISHED[kind]}: this is its rerun, which starts it over")
     if found is None or found == kind:
         return
     raise UsageError(f"{option} {folder} already holds {describe_folder(folder)}; this command writes only into a "
                      f"new or empty folder or {OWN_OUTPUT[kind]}: choose another {option}")
 
 
+# A file output replaces only a file of its own kind, read from the file's first bytes (its name
+# may lie: `-o RUN/state.pt`): an image over an image, never a checkpoint, weights or a config.
+FILE_KINDS = {
+    "image": "an image",
+    "weights": "safetensors weights",
+    "course_judge": "a course-format judge (.pth)",
+    "torch": "a torch checkpoint",
+    "text": "a text file (a config, JSON or notes)",
+    "other": "a file of another kind",
+}
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def file_kind(path: Path) -> str | None:
+    """What the existing file ``path`` holds, by its first bytes: ``image``, ``weights``
+    (safetensors), ``course_judge`` (a torch file holding only ``model``), ``torch``, ``text`` or
+    ``other``; None for an empty file (nothing to lose)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return None
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 << 20:
+        return "weights"
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        import torch
+
+        try:
+            keys = set(torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK")))
+        except Exception:
+            return "torch"
+        return "course_judge" if keys == {"model"} else "torch"
+    try:
+        head.decode()
+    except UnicodeDecodeError:
+        return "other"
+    return "text"
+
+
+def claim_file(path: Path | str, kind: str, option: str = "--out") -> None:
+    """The one rule for an output file, beside :func:`claim_folder`'s for folders: a new or empty
+    file, or a file of this command's own ``kind`` (an image over an image), may be replaced;
+    a checkpoint, weights, a config or a dataset's JSON never is. Checked before any work."""
+    check_writable(path)
+    target = output_file(path)
+    if not target.is_file():
+        return
+    found = file_kind(target)
+    if found is None or found == kind:
+        return
+    raise UsageError(f"{option} {path} already holds {FILE_KINDS[found]}; this command replaces only "
+                     f"{FILE_KINDS[kind]}: choose another {option}")
+
+
 def output_file(path: Path | str) -> Path:
     """Where a file output really goes: a symbolic link is followed (its target is written; the
     link stays), and a FIFO, a device or a socket is refused, never replaced by a regular file."""
-    import stat
-
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
@@ -355,9 +486,32 @@ def output_file(path: Path | str) -> Path:
         return path
     except OSError as exc:
         raise ClevrgenError(f"cannot write {path}: {exc.strerror}") from None
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        what = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-                else "a block device" if stat.S_ISBLK(mode) else "a socket")
+    if what := _special(mode):
         raise UsageError(f"cannot write {path}: it is {what}, not a regular file; clevrgen writes whole files "
                          "atomically and never replaces a special file: give a file name")
+    return path
+
+
+def _special(mode: int) -> str | None:
+    """What a special file is (a FIFO, a device, a socket), or None for a regular file or folder."""
+    import stat
+
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket")
+
+
+def input_file(path: Path | str) -> Path:
+    """The one rule of which files clevrgen reads: regular files only. A FIFO, a device or a
+    socket is refused before it is opened (opening a FIFO blocks until a writer comes, and no
+    signal ends the wait), in one line. A missing file passes: its reader says what it is."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path
+    if what := _special(mode):
+        raise ClevrgenError(f"cannot read {path}: it is {what}, not a regular file; clevrgen reads only regular "
+                            "files (a FIFO or a device could block forever): replace it with the file itself")
     return path

@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from clevrgen.config import Config
 from clevrgen.diffusion import sampling_scheduler
 from clevrgen.errors import UsageError, warn
-from clevrgen.labels import multi_hot
+from clevrgen.labels import NUM_CLASSES, multi_hot
 from clevrgen.model import LabelConditionedUNet, LabelEncoder, load_artifact, resolve_checkpoint, training_data_of
 from clevrgen.runtime import autocast, autocast_dtype
 
@@ -122,18 +122,30 @@ class ClevrgenPipeline(DiffusionPipeline):
         """diffusers' layout (``model_index.json``, one folder per component, safetensors) plus the
         stub module through which ``DiffusionPipeline.from_pretrained`` finds this class. A
         pipeline loaded from a clevrgen folder also keeps its ``config.toml`` and
-        ``training_data.json``, so the saved folder is a clevrgen model folder too."""
+        ``training_data.json``, so the saved folder is a clevrgen model folder too.
+
+        It follows ``clevrgen export``'s overwrite rule (:func:`clevrgen.output.claim_folder`): a
+        new or empty folder, or an earlier model folder (its config and record replaced too), and
+        never a training run or a folder of other files (UsageError, before anything is written)."""
         import shutil
 
         from clevrgen.model import CONFIG_FILE, DATA_FILE, PIPELINE_DEFAULTS, write_pipeline_index
+        from clevrgen.output import claim_folder
 
-        kwargs.setdefault("safe_serialization", True)
-        super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         source = getattr(self, "run_dir", None)
+        same = source is not None and folder.is_dir() and Path(source).resolve() == folder.resolve()
+        if not same:
+            claim_folder(folder, "model", "save_directory")
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
         for name in (CONFIG_FILE, DATA_FILE):
-            if source is not None and (Path(source) / name).is_file() and Path(source).resolve() != folder.resolve():
+            if same:
+                continue
+            if source is not None and (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, folder / name)
+            else:  # an earlier model's file would describe another model
+                (folder / name).unlink(missing_ok=True)
         write_pipeline_index(folder, {n: getattr(self, n) for n in ("unet", "label_encoder", "scheduler")},
                              {k: self.config[k] for k in PIPELINE_DEFAULTS})
 
@@ -173,6 +185,49 @@ class ClevrgenPipeline(DiffusionPipeline):
              "expect missing or merged objects")
 
     # --- sampling: the one loop ----------------------------------------------------------------
+    def _check_call(self, scenes, steps, guidance, seed, output_type, callback, labels, latents, batch_size):
+        """The arguments of :meth:`__call__`, checked with the CLI's ranges before any work: a bad
+        one is clevrgen's UsageError, never a torch error, a NaN image or a silent default.
+        Returns (steps, guidance, labels [N, 24], the callback wrapped to check what it returns)."""
+        from clevrgen.config import MAX_GUIDANCE, MAX_SAMPLE_STEPS, MAX_SEED
+
+        limit = min(MAX_SAMPLE_STEPS, self.scheduler.config.num_train_timesteps)
+        steps = _checked_number("num_inference_steps", self.config.num_inference_steps if steps is None else steps,
+                                1, limit, integer=True, why="the model's training timesteps")
+        guidance = _checked_number("guidance_scale", self.config.guidance_scale if guidance is None else guidance,
+                                   0.0, MAX_GUIDANCE)
+        _checked_number("batch_size", batch_size, 1, 65_536, integer=True)
+        if isinstance(seed, Sequence):
+            for s in seed:
+                _checked_number("seed", s, 0, 2**63 - 1, integer=True)
+        elif seed is not None:
+            _checked_number("seed", seed, 0, MAX_SEED, integer=True)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise UsageError(f"output_type {output_type!r}: choose pil, np, pt or latent")
+        if callback is not None and not callable(callback):
+            raise UsageError(f"callback_on_step_end {callback!r} is not callable")
+        if labels is None:
+            if scenes is None:
+                raise UsageError("give the scenes to draw (phrase lists) or labels")
+            labels = self.encode_scenes(scenes)
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 2 or labels.shape[1] != NUM_CLASSES:
+            shape = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise UsageError(f"labels {shape}: give multi-hot labels [N, {NUM_CLASSES}] (clevrgen.labels.multi_hot)")
+        if len(labels) == 0:
+            raise UsageError("nothing to draw: give at least one scene")
+        if labels.is_floating_point() and not bool(((labels >= 0) & (labels <= 1)).all()):
+            raise UsageError("labels must be multi-hot: every entry 0 or 1 (none NaN)")
+        if latents is not None:
+            shape = (len(labels), 3, self.image_size, self.image_size)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                given = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise UsageError(f"latents {given}: this model draws from noise {list(shape)}, one per label set")
+            if not bool(torch.isfinite(latents).all()):
+                raise UsageError("latents hold NaN or infinite values: give finite noise")
+        if callback is not None:
+            callback = _checked_callback(callback)
+        return steps, guidance, labels, callback
+
     @torch.no_grad()
     def __call__(
         self,
@@ -209,17 +264,9 @@ class ClevrgenPipeline(DiffusionPipeline):
             latents: the initial noise [N, 3, 64, 64] instead of drawing it.
             batch_size: images per UNet batch (twice that with guidance).
         """
-        steps = int(num_inference_steps or self.config.num_inference_steps)
-        guidance = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
-        limit = self.scheduler.config.num_train_timesteps
-        if not 1 <= steps <= limit:
-            raise UsageError(f"num_inference_steps {steps}: a sampler takes 1 to {limit} steps, the model's training timesteps")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise UsageError(f"output_type {output_type!r}: choose pil, np, pt or latent")
-        if labels is None:
-            if scenes is None:
-                raise UsageError("give the scenes to draw (phrase lists) or labels")
-            labels = self.encode_scenes(scenes)
+        steps, guidance, labels, callback_on_step_end = self._check_call(
+            scenes, num_inference_steps, guidance_scale, seed, output_type, callback_on_step_end, labels, latents,
+            batch_size)
         n, device = len(labels), self._execution_device
         noise_gens, step_gens = self._generators(n, generator, seed)
         shape = (n, 3, self.image_size, self.image_size)
@@ -300,6 +347,32 @@ def noise_device(generator: torch.Generator | list[torch.Generator] | None) -> t
     give the same images on every device."""
     first = generator[0] if isinstance(generator, list) and generator else generator
     return torch.device(getattr(first, "device", None) or "cpu")
+
+
+def _checked_number(name: str, value, low, high, integer: bool = False, why: str = ""):
+    """``value`` as an int (``integer``) or a finite float in [low, high], else one UsageError
+    naming the argument; a boolean is not a number."""
+    import numbers
+
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise UsageError(f"{name} {value!r}: give {'an integer' if integer else 'a number'} from {low} to {high}")
+    if not (integer or math.isfinite(value)) or not low <= value <= high:
+        raise UsageError(f"{name} {value!r}: must be from {low} to {high}" + (f", {why}" if why else ""))
+    return int(value) if integer else float(value)
+
+
+def _checked_callback(callback: StepEndCallback) -> StepEndCallback:
+    """``callback``, refusing a return that is not the dict of tensors it was given (or None)."""
+    def checked(pipe, i, t, kwargs):
+        result = callback(pipe, i, t, kwargs)
+        if result is not None and not (isinstance(result, dict) and isinstance(result.get("latents", kwargs["latents"]),
+                                                                               torch.Tensor)):
+            raise UsageError(f"callback_on_step_end returned {type(result).__name__}: it must return the dict it was "
+                             "given (its 'latents' a tensor), or None")
+        return result
+
+    return checked
 
 
 # --- the functional form, for code that holds a denoiser rather than a pipeline -----------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from clevrgen.errors import UsageError
-from clevrgen.output import append_jsonl, atomic_write_bytes, atomic_write_text
+from clevrgen.output import append_jsonl, atomic_write_bytes, atomic_write_text, input_file
 
 STATE_FILE = "state.pt"
 SNAPSHOTS_DIR = "snapshots"
@@ -35,7 +35,7 @@ def write_state(run_dir: Path, state: dict) -> None:
 
 
 def read_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    return torch.load(input_file(run_dir / STATE_FILE), map_location="cpu", weights_only=True)
 
 
 class RunLog:

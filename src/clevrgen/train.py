@@ -521,6 +521,8 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
 
                     drop_metrics_after(run_dir / METRICS_FILE, trainer.step)
                     remove_stale_temporaries(run_dir)  # half-written files of the killed run
+            elif trainer.dist.is_main:  # a rerun of a run stopped before its first checkpoint starts over
+                (run_dir / METRICS_FILE).unlink(missing_ok=True)
             return trainer.run()
     except WriteError as exc:  # a full disk, a quota, a read-only folder: say what is safe
         raise WriteError(f"{exc}; {checkpoint_note(run_dir)}", exc.path, exc.errno, exc.needed) from None

@@ -29,9 +29,9 @@ def info(
 
     from clevrgen.data.summary import class_count_table, dataset_table, labelled_grid
 
-    from clevrgen.output import check_writable
+    from clevrgen.output import claim_file
 
-    check_writable(grid)
+    claim_file(grid, "image", "--grid")
     data = load_iclevr(root)
     Console().print(dataset_table(data, title=str(root)), class_count_table(data))
     labelled_grid(data, grid, count=count)

@@ -44,9 +44,9 @@ def denoise_strip(
     scenes = load_label_sets(str(labels)) if labels is not None else [phrases]
     for scene in scenes:
         parse_phrases(scene)
-    from clevrgen.output import check_writable
+    from clevrgen.output import claim_file
 
-    check_writable(out)
+    claim_file(out, "image", "--out")
     pipeline = load_pipeline(checkpoint, config, overrides, print_config,
                              steps=steps, sampler=sampler, guidance=guidance, seed=seed)
     s = pipeline.config.sample

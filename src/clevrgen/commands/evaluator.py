@@ -41,13 +41,13 @@ def train(
     from clevrgen.commands._options import resolve_config
     from clevrgen.errors import UsageError
 
-    from clevrgen.output import check_writable, claim_folder
+    from clevrgen.output import claim_file, claim_folder
 
     cfg = resolve_config(config, overrides, print_config)
     root = data or cfg.data.path
     if root is None:
         raise UsageError("no training data: pass --data DIR (an i-CLEVR layout folder) or set data.path")
-    check_writable(out)
+    claim_file(out, "weights")
     claim_folder(out.parent, "judge")  # config.toml and metrics.jsonl go beside the judge
 
     import torch
@@ -146,6 +146,8 @@ def export(
 ) -> None:
     """Write a judge in the course format: torch.save({"model": state_dict}), fp32."""
     from clevrgen.judge import export_course, load_judge
+    from clevrgen.output import claim_file
 
+    claim_file(out, "course_judge")
     export_course(load_judge(evaluator), out)
     typer.echo(f"wrote {out}")

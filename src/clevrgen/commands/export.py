@@ -31,11 +31,12 @@ def export(
     from clevrgen.commands._options import resolve_run_config
     from clevrgen.errors import UsageError
     from clevrgen.model import export_artifact, resolve_checkpoint
-    from clevrgen.output import claim_folder
+    from clevrgen.output import check_writable, claim_folder
     from clevrgen.pipeline import check_sample_steps
     from clevrgen.report import with_stage
 
     source = resolve_checkpoint(run)
+    check_writable(out, folder=True)  # a symlink loop as --out: one line, not resolve()'s RuntimeError
     if out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the run itself: give another folder")
     for item in overrides or []:

@@ -12,6 +12,9 @@ from clevrgen.commands._options import (
     StepsOption, load_pipeline,
 )
 
+GRID_CHUNK = 512
+"""Images drawn (and written into the grid) at a time."""
+
 HELP = "Draw images of one scene, e.g. \"red sphere\" \"cyan cube\", as a grid PNG."
 EXAMPLES = """Examples:
 
@@ -34,15 +37,34 @@ def sample(
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
 ) -> None:
-    from clevrgen.evaluation import save_grid
+    from clevrgen.evaluation import write_grid
     from clevrgen.labels import parse_phrases
-    from clevrgen.output import check_writable
+    from clevrgen.output import claim_file
 
     parse_phrases(phrases)  # fail on a bad phrase or an unwritable path before loading anything
-    check_writable(out)
+    claim_file(out, "image", "--out")
     pipeline = load_pipeline(checkpoint, config, overrides, print_config,
                              num=num, seed=seed, steps=steps, sampler=sampler, guidance=guidance)
     s = pipeline.config.sample
-    images = pipeline.generate([phrases] * s.num, [s.seed + i for i in range(s.num)])
-    save_grid(images, out)
+    write_grid(out, _drawn_in_chunks(pipeline, phrases), s.num)
     typer.echo(f"wrote {out} ({s.num} images, {s.sampler} {s.steps} steps, guidance {s.guidance}, seed {s.seed})")
+
+
+def _drawn_in_chunks(pipeline, phrases: list[str]):
+    """The images of ``sample``, GRID_CHUNK at a time: memory is one chunk, whatever --num (image
+    i comes from seed + i in any chunk, so the grid is the one a single call draws)."""
+    import warnings
+
+    from clevrgen.errors import ClevrgenWarning
+
+    s = pipeline.config.sample
+    chunk = -(-max(s.batch_size, GRID_CHUNK) // 8) * 8  # whole grid rows
+    for start in range(0, s.num, chunk):
+        end = min(start + chunk, s.num)
+        with warnings.catch_warnings():
+            if start:  # a large scene is warned about once
+                warnings.simplefilter("ignore", ClevrgenWarning)
+            images = pipeline.generate([phrases] * (end - start), list(range(s.seed + start, s.seed + end)),
+                                       description=f"sampling {start + 1}-{end} of {s.num}" if s.num > chunk
+                                       else "sampling")
+        yield images

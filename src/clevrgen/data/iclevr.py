@@ -21,7 +21,7 @@ import torch
 from clevrgen.errors import DataError
 from clevrgen.labels import CLASS_INDEX, NUM_CLASSES, normalize_phrase
 from clevrgen.runtime import user_cache_dir
-from clevrgen.output import atomic_path
+from clevrgen.output import atomic_path, input_file
 
 IMAGE_SIZE = 64
 CACHE_VERSION = 1
@@ -82,7 +82,7 @@ def scene_ids(names: list[str]) -> torch.Tensor:
 
 
 def read_json(path: Path) -> object:
-    if not path.is_file():
+    if not input_file(path).is_file():
         raise DataError(f"missing file: {path}")
     try:
         return json.loads(path.read_text())
@@ -121,6 +121,7 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
     """One image file -> uint8 [3, size, size] RGB (squashed, alpha dropped)."""
     from PIL import Image, UnidentifiedImageError
 
+    input_file(path)
     try:
         with Image.open(path) as image:
             image = _to_rgb(image)
