@@ -9,6 +9,7 @@ analytics: nothing leaves the machine).
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import time
@@ -39,11 +40,15 @@ PAGE_FIELDS = {"num": "the Images field", "seed": "the Seed field", "steps": "th
 
 
 # --- what the page asks for, checked as the CLI checks it ---------------------------------------
-def page_scene(text: str) -> list[str]:
-    """The scene typed in the page, phrases separated by commas (or new lines or semicolons), as
-    normalized phrases; a bad, missing or repeated phrase raises the CLI's :class:`PhraseError`."""
-    phrases = [p.strip() for p in re.split(r"[,;\n]", text or "") if p.strip()]
-    scene = [PHRASES[i] for i in parse_phrases(phrases)]
+def typed_phrases(text: str | None) -> list[str]:
+    """The phrases typed in the page: separated by commas (or semicolons or new lines)."""
+    return [p.strip() for p in re.split(r"[,;\n]", text or "") if p.strip()]
+
+
+def page_scene(text: str | None) -> list[str]:
+    """The scene typed in the page as normalized phrases; a bad, missing or repeated phrase
+    raises the CLI's :class:`PhraseError`."""
+    scene = [PHRASES[i] for i in parse_phrases(typed_phrases(text))]
     if len(scene) > MAX_OBJECTS:
         raise PhraseError(f"{len(scene)} objects: the demo draws scenes of 1 to {MAX_OBJECTS} objects")
     return scene
@@ -99,7 +104,7 @@ def draw(run: "LoadedRun", scene: Sequence[str], sample: "SampleConfig", frames:
     def step_end(p, i, t, kw):
         nonlocal done
         x = kw["latents"]
-        if kw.get("batch_start", 0) == 0 and i + 1 in wanted:
+        if i + 1 in wanted and i + 1 not in taken:  # batches run in order: the first holds image 0
             taken[i + 1] = x[:1].clamp(-1, 1).cpu()
         done += len(x)
         if on_step is not None:
@@ -196,7 +201,7 @@ def build_demo(run: "LoadedRun", judge_path: Path | None = None):
         return judges[0]
 
     def add_object(text: str, color: str, shape: str) -> str:
-        return ", ".join([p.strip() for p in re.split(r"[,;\n]", text or "") if p.strip()] + [f"{color} {shape}"])
+        return ", ".join([*typed_phrases(text), f"{color} {shape}"])
 
     def on_draw(text, num, seed, steps, guidance, show_judge, progress=gr.Progress()):
         try:
@@ -205,12 +210,11 @@ def build_demo(run: "LoadedRun", judge_path: Path | None = None):
             progress((0, sample.num * sample.steps), desc="drawing", unit="image-steps")
             result = draw(run, scene, sample, on_step=lambda d, t: progress((d, t), desc="drawing", unit="image-steps"))
             readings = judge_readings(the_judge(), result.images, scene) if show_judge else None
-        except ClevrgenError as exc:  # the CLI's one-line message, in the page
-            raise gr.Error(str(exc), duration=None, print_exception=False) from None
+        except ClevrgenError as exc:  # the CLI's message, in the page (which reads it as HTML: "<color>")
+            raise gr.Error(html.escape(str(exc), quote=False), duration=None, print_exception=False) from None
         for message in result.warnings:
             gr.Warning(message)
-        captions = [f"seed {sample.seed + i}" + (f" · judge sees: {_listed(readings[i]['sees'])}" if readings else "")
-                    for i in range(len(result.images))]
+        captions = [f"seed {sample.seed + i}" for i in range(sample.num)]
         seeds = f"seed {sample.seed}" + (f" to {sample.seed + sample.num - 1}" if sample.num > 1 else "")
         status = (f"{sample.num} image{'s' * (sample.num > 1)} of {', '.join(scene)}: {sample.sampler} "
                   f"{sample.steps} steps, guidance {sample.guidance:g}, {seeds}, {result.seconds:.1f} s")
@@ -224,7 +228,7 @@ def build_demo(run: "LoadedRun", judge_path: Path | None = None):
                     + (f" It was trained on scenes of at most {trained_on} objects." if trained_on else ""))
         with gr.Row():
             with gr.Column(scale=2):
-                objects = gr.Textbox(label=f"Objects (1 to {MAX_OBJECTS}, separated by commas)",
+                objects = gr.Textbox(label=f"Objects (1 to {MAX_OBJECTS}, separated by commas)", elem_id="objects",
                                      value="red sphere, cyan cube", placeholder="red sphere, cyan cube",
                                      info=f"<color> <shape>: colors {', '.join(COLORS)}; shapes {', '.join(SHAPES)}")
                 with gr.Row():
@@ -233,21 +237,25 @@ def build_demo(run: "LoadedRun", judge_path: Path | None = None):
                 with gr.Row():
                     add = gr.Button("Add this object", size="sm")
                     clear = gr.Button("Clear", size="sm")
+                # No minimum / maximum on the fields: the CLI's checks (page_settings) give the messages.
                 with gr.Row():
-                    num = gr.Number(s.num, label="Images", precision=0, min_width=80, info=_range("num"))
-                    seed = gr.Number(s.seed, label="Seed", precision=0, min_width=80, info="image i: seed + i")
+                    num = gr.Number(s.num, label="Images", precision=0, info=_range("num"), elem_id="num")
+                    seed = gr.Number(s.seed, label="Seed", precision=0, info="image i: seed + i", elem_id="seed")
                 with gr.Row():
-                    steps = gr.Number(s.steps, label="Steps", precision=0, min_width=80, info=_range("steps", most_steps))
-                    guidance = gr.Number(s.guidance, label="Guidance", min_width=80, info=_range("guidance"))
-                show_judge = gr.Checkbox(False, label="Show the shipped judge's reading of each image")
-                go = gr.Button("Draw", variant="primary")
+                    steps = gr.Number(s.steps, label="Steps", precision=0, info=_range("steps", most_steps),
+                                      elem_id="steps")
+                    guidance = gr.Number(s.guidance, label="Guidance", info=_range("guidance"), elem_id="guidance")
+                show_judge = gr.Checkbox(False, label="Show the shipped judge's reading of each image",
+                                         elem_id="judge")
+                go = gr.Button("Draw", variant="primary", elem_id="draw")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png", object_fit="contain",
                                      elem_classes="pixels")
-                strip = gr.Image(label="The first image from noise to the end (its denoising strip)", type="pil",
-                                 format="png", interactive=False, elem_classes="pixels")
-                status = gr.Markdown(label="what was drawn")
-                readings = gr.Markdown(label="the judge's reading")
+                gr.Markdown("The first image from noise to the end (its denoising strip):")
+                strip = gr.Image(type="pil", format="png", interactive=False, show_label=False, elem_id="strip",
+                                 elem_classes="pixels")
+                status = gr.Markdown(label="what was drawn", elem_id="status")
+                readings = gr.Markdown(label="the judge's reading", elem_id="readings")
         add.click(add_object, [objects, color, shape], objects, queue=False, api_name=False)
         clear.click(lambda: "", None, objects, queue=False, api_name=False)
         # One drawing at a time (the default): the pipeline's scheduler holds the state of a call.
@@ -266,7 +274,8 @@ def serve(run: "LoadedRun", port: int, judge_path: Path | None = None, block: bo
     except OSError as exc:
         if "port" not in str(exc).lower():
             raise
-        raise UsageError(f"cannot serve on {HOST}:{port} (in use, or not allowed): choose another port with --port") from None
+        raise UsageError(f"cannot serve on {HOST}:{port} (in use, or not allowed): "
+                         "choose another port with --port") from None
     if block:
         try:
             while page.is_running:

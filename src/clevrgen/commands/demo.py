@@ -20,7 +20,7 @@ EXAMPLES = """Examples:
 
 
 def demo(
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="The port on 127.0.0.1 to serve the page on.")] = 7860,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="The port on 127.0.0.1 to serve on.")] = 7860,
     checkpoint: CheckpointOption = None,
     config: SampleConfigOption = None,
     overrides: SetOption = None,
