@@ -25,7 +25,7 @@ def test_version(runner):
 
 
 def test_cli_import_does_not_load_torch_or_diffusers():
-    code = "import sys, clevrgen.cli; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    code = "import sys, clevrgen.cli; print(sorted(m for m in ('torch', 'diffusers', 'gradio') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -39,9 +39,10 @@ def test_the_page_checks_a_scene_as_the_cli_does():
 def test_the_page_checks_settings_by_the_cli_ranges(tiny_run):
     s = page_settings(tiny_run, num=None, seed=None, steps=None, guidance=None)
     assert (s.num, s.steps) == (tiny_run.config.sample.num, tiny_run.config.sample.steps)  # the model's own
-    assert page_settings(tiny_run, num=3, seed=7, steps=4, guidance=2.5).model_dump(include={"num", "seed", "steps", "guidance"}) \
-        == {"num": 3, "seed": 7, "steps": 4, "guidance": 2.5}
-    with pytest.raises(ConfigError, match=r"sample.steps: Input should be greater than or equal to 1 \(given by the Steps field\)"):
+    s = page_settings(tiny_run, num=3, seed=7, steps=4, guidance=2.5)
+    assert (s.num, s.seed, s.steps, s.guidance) == (3, 7, 4, 2.5)
+    with pytest.raises(ConfigError, match=r"sample.steps: Input should be greater than or equal to 1 "
+                                          r"\(given by the Steps field\)"):
         page_settings(tiny_run, steps=0)
     with pytest.raises(UsageError, match="more than the model's 50 training timesteps"):
         page_settings(tiny_run, steps=51)
@@ -110,7 +111,6 @@ def test_the_served_page_draws_and_survives_bad_input(tiny_run, tmp_path, monkey
                                                      api_name="/draw")
         assert len(gallery) == 1 and "model was trained on images of at most 3" in status
         assert reading.startswith("**The shipped judge's reading**") and "| 1 | 3 |" in reading
-        assert "judge sees:" in gallery[0]["caption"]
     finally:
         page.close()
 
