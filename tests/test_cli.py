@@ -8,12 +8,12 @@ from clevrgen.cli import app
 def test_help_lists_every_command(runner):
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("train", "sample", "evaluate", "denoise-strip", "data", "evaluator"):
+    for command in ("train", "sample", "evaluate", "denoise-strip", "demo", "data", "evaluator"):
         assert command in result.output
 
 
 def test_every_command_has_help_with_examples(runner):
-    for command in (["train"], ["sample"], ["evaluate"], ["denoise-strip"], ["data", "info"]):
+    for command in (["train"], ["sample"], ["evaluate"], ["denoise-strip"], ["demo"], ["data", "info"]):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, command
         assert "Examples" in result.output, command
@@ -25,7 +25,7 @@ def test_version(runner):
 
 
 def test_cli_import_does_not_load_torch_or_diffusers():
-    code = "import sys, clevrgen.cli; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    code = "import sys, clevrgen.cli; print(sorted(m for m in ('torch', 'diffusers', 'gradio') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -14,7 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from clevrgen import __version__
-from clevrgen.commands import data, denoise_strip, evaluate, evaluator, export, sample, train
+from clevrgen.commands import data, demo, denoise_strip, evaluate, evaluator, export, sample, train
 from clevrgen.errors import ClevrgenError, ClevrgenWarning
 from clevrgen.runtime import StopSignal, sigterm_raises
 from clevrgen.output import DISK_ERRNOS, name_too_long
@@ -100,6 +100,7 @@ app.command("denoise-strip", help=denoise_strip.HELP, epilog=denoise_strip.EXAMP
     denoise_strip.denoise_strip
 )
 app.command("export", help=export.HELP, epilog=export.EXAMPLES)(export.export)
+app.command("demo", help=demo.HELP, epilog=demo.EXAMPLES)(demo.demo)
 app.add_typer(data.app, name="data")
 app.add_typer(evaluator.app, name="evaluator")
 

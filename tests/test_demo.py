@@ -1,0 +1,126 @@
+"""``clevrgen demo``: the page's checks are the CLI's, its strip is denoise-strip's, and the served
+app answers through gradio_client (skipped where Gradio is not installed)."""
+
+import socket
+import sys
+
+import pytest
+import torch
+
+from clevrgen.cli import app
+from clevrgen.config import load_config
+from clevrgen.demo import draw, page_scene, page_settings
+from clevrgen.errors import ConfigError, PhraseError, UsageError
+from clevrgen.model import build_model, save_artifact
+from clevrgen.pipeline import LoadedRun
+
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny patched model (true 64x64 output, 50 training timesteps) saved as a run folder."""
+    cfg = load_config(None, [*TINY, "model.patch_size=2"])
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("demo") / "run"
+    save_artifact(build_model(cfg.model).eval(), cfg, folder, {"max_objects": 3})
+    return LoadedRun.load(folder)
+
+
+def test_the_page_checks_a_scene_as_the_cli_does():
+    assert page_scene(" Red_Sphere,cyan cube\n") == ["red sphere", "cyan cube"]
+    for text, message in [("", "no phrases given"), ("red sphere, red sphere", 'duplicate phrase "red sphere"'),
+                          ("pink cube", 'Did you mean "purple cube"?'),
+                          ("red cube, blue cube, gray cube, cyan cube, brown cube, green cube", "1 to 5 objects")]:
+        with pytest.raises(PhraseError, match=message):
+            page_scene(text)
+
+
+def test_the_page_checks_settings_by_the_cli_ranges(tiny_run):
+    s = page_settings(tiny_run, num=None, seed=None, steps=None, guidance=None)
+    assert (s.num, s.steps) == (tiny_run.config.sample.num, tiny_run.config.sample.steps)  # the model's own
+    s = page_settings(tiny_run, num=3, seed=7, steps=4, guidance=2.5)
+    assert (s.num, s.seed, s.steps, s.guidance) == (3, 7, 4, 2.5)
+    with pytest.raises(ConfigError, match=r"sample.steps: Input should be greater than or equal to 1 "
+                                          r"\(given by the Steps field\)"):
+        page_settings(tiny_run, steps=0)
+    with pytest.raises(UsageError, match="more than the model's 50 training timesteps"):
+        page_settings(tiny_run, steps=51)
+    with pytest.raises(ConfigError, match=r"sample.num: Input should be less than or equal to 100000"):
+        page_settings(tiny_run, num=100_001)
+    with pytest.raises(ConfigError, match="must be a number"):
+        page_settings(tiny_run, guidance=float("nan"))
+
+
+def test_draw_is_sample_and_its_strip_is_denoise_strips(tiny_run):
+    s = page_settings(tiny_run, num=3, seed=4, steps=4)
+    drawn = draw(tiny_run, ["red sphere", "cyan cube"], s, frames=5)
+    assert drawn.images.shape == (3, 3, 64, 64) and drawn.images.dtype == torch.uint8 and not drawn.warnings
+    run = LoadedRun(tiny_run.pipe, tiny_run.config.model_copy(update={"sample": s}), tiny_run.run_dir)
+    same = run.generate([["red sphere", "cyan cube"]] * 3, [4, 5, 6], progress=False)
+    strip = run.trajectory([["red sphere", "cyan cube"]], [4], 5)[0]
+    # the same images up to the float rounding of another batch shape (uint8: at most 1 apart)
+    assert (drawn.images.int() - same.int()).abs().max() <= 1
+    assert drawn.strip.shape == strip.shape == (5, 3, 64, 64)
+    assert (drawn.strip.int() - strip.int()).abs().max() <= 1
+    assert torch.equal(drawn.strip[-1], drawn.images[0])
+    big = draw(tiny_run, ["red sphere", "cyan cube", "gray cube", "blue cube"], page_settings(tiny_run, num=1))
+    assert big.warnings and "at most 3" in big.warnings[0]
+
+
+def test_without_gradio_the_command_says_how_to_install_it(runner, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: the demo needs Gradio, an optional extra: pip install "
+                                                  "'clevrgen[demo]'"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_served_page_draws_and_survives_bad_input(tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("gradio")
+    client_lib = pytest.importorskip("gradio_client")
+    from PIL import Image
+
+    from clevrgen.demo import serve
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    port = free_port()
+    page = serve(tiny_run, port, block=False)
+    try:
+        client = client_lib.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        gallery, strip, status, reading = client.predict("red sphere, cyan cube", 2, 0, 4, 2.0, False, api_name="/draw")
+        assert [Image.open(item["image"]).size for item in gallery] == [(64, 64), (64, 64)]
+        assert [item["caption"] for item in gallery] == ["seed 0", "seed 1"]
+        assert Image.open(strip).size[1] == 64 + 2 * 2 and "2 images of red sphere, cyan cube" in status
+        assert reading == ""
+        for args, message in [(("pink cube", 2, 0, 4, 2.0, False), 'Did you mean "purple cube"?'),
+                              (("red sphere, red sphere", 2, 0, 4, 2.0, False), "duplicate phrase"),
+                              (("", 2, 0, 4, 2.0, False), "no phrases given"),
+                              (("red sphere", 2, 0, 51, 2.0, False), "more than the model's 50 training timesteps")]:
+            with pytest.raises(client_lib.exceptions.AppError, match=message):
+                client.predict(*args, api_name="/draw")
+        # still serving: a scene larger than the training scenes is drawn, with the CLI's warning;
+        # the judge's reading is headed as the judge's
+        gallery, _, status, reading = client.predict("red sphere, cyan cube, gray cube, blue cube", 1, 3, 2, 2.0, True,
+                                                     api_name="/draw")
+        assert len(gallery) == 1 and "model was trained on images of at most 3" in status
+        assert reading.startswith("**The shipped judge's reading**") and "| 1 | 3 |" in reading
+    finally:
+        page.close()
+
+
+def test_a_busy_port_is_one_line(tiny_run):
+    pytest.importorskip("gradio")
+    from clevrgen.demo import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(UsageError, match="choose another port with --port"):
+            serve(tiny_run, taken.getsockname()[1], block=False)
