@@ -24,13 +24,8 @@ from clevrgen.config import JudgeConfig
 from clevrgen.data.iclevr import ImageSet, to_float
 from clevrgen.errors import CheckpointError
 from clevrgen.labels import NUM_CLASSES, PHRASES, asset_path
-<<<<<<< HEAD
 from clevrgen.runtime import autocast, autocast_dtype, grad_scaler, resolve_device
-from clevrgen.output import atomic_path
-=======
-from clevrgen.runtime import autocast, autocast_dtype, resolve_device
 from clevrgen.output import atomic_path, input_file
->>>>>>> issue38
 
 ARCHITECTURE = "torchvision.models.resnet18(weights=None), fc=Sequential(Linear(512, 24), Sigmoid())"
 FORMAT = "clevrgen-judge"
