@@ -365,7 +365,7 @@ def test_an_export_adds_its_run_to_the_models_chain_of_stages(tmp_path, dataset,
     assert first["from"] == "random weights" and first["steps"] == 2 and first["images"] == 8
     assert str(tmp_path / "m1") in second["from"] and second["steps"] == 3 and second["images"] == 12
     assert "cool-down" in second["lr_plan"] and "cool-down" not in first["lr_plan"]
-    assert second["machine"] and second["minutes"] > 0
+    assert second["machine"] and second["minutes"] >= 0  # minutes of the logged windows (a tiny run: ~0)
     assert json.loads((tmp_path / "m1" / "training_data.json").read_text())["stages"] == [first]
     rows, boundaries = chain_curve([{**first, "curve": [{"step": 2, "minutes": 1.0}]},
                                     {**second, "minutes": 2.0, "curve": [{"step": 3, "minutes": 2.0}]}])

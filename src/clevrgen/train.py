@@ -270,6 +270,7 @@ class Trainer:
         """A copy of the model holding the EMA weights (with power EMAs: the ``index``-th)."""
         model = copy.deepcopy(self.model).float().to(memory_format=torch.contiguous_format)
         self.ema.copy_to(model.parameters(), *([index] if self.power_ema else []))
+        set_attention_kernel(model, "sdpa")  # sampling's kernel, as in the saved artifact, whatever training used
         return model.eval()
 
     # --- the run's bookkeeping -----------------------------------------------------------------
