@@ -443,8 +443,11 @@ def describe_model(run_dir: Path) -> str:
     """One line naming the model a command uses and what it was trained on."""
     record = training_data_of(run_dir)
     name = "the shipped model" if is_shipped(run_dir) else str(run_dir)
-    facts = [f"trained on {record['data']}" if record.get("data") else None,
-             f"{record['steps']} steps" if record.get("steps") else None]
+    stages = record.get("stages") or []
+    chain = " + ".join(f"{st['steps']:,}" for st in stages)
+    steps = (f"{chain} steps in {len(stages)} stages" if len(stages) > 1
+             else f"{record['steps']} steps" if record.get("steps") else None)
+    facts = [f"trained on {record['data']}" if record.get("data") else None, steps]
     facts = [f for f in facts if f]
     return name + (f" ({', '.join(facts)})" if facts else "")
 
