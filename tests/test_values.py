@@ -153,21 +153,21 @@ def test_resuming_a_finished_run_or_below_its_step_is_refused_and_rewrites_nothi
 def test_a_stop_during_trainings_evaluation_acts_within_a_step(dataset, tmp_path, monkeypatch):
     """Ctrl-C while the end-of-run evaluation samples: it stops after the step in hand, saves, exits 130."""
     from clevrgen.data.iclevr import load_iclevr
-    from clevrgen.model import LabelEncoder
+    from clevrgen.model import LabelConditionedUNet
     from clevrgen.train import TrainingInterrupted, train
 
     cfg = load_config(None, [*TINY, "train.steps=2", "train.eval_splits=['test', 'new_test']", "sample.steps=20",
                              "sample.guidance=2.0"])
     calls = []
-    real = LabelEncoder.forward
+    real = LabelConditionedUNet.denoise  # every UNet call, training's and each sampling step's
 
-    def counting(self, labels):
-        calls.append(len(labels))
+    def counting(self, x, t, conditioning):
+        calls.append(len(x))
         if torch.is_grad_enabled() is False and len(calls) == 3:  # within the evaluation's sampling
             signal.raise_signal(signal.SIGINT)
-        return real(self, labels)
+        return real(self, x, t, conditioning)
 
-    monkeypatch.setattr(LabelEncoder, "forward", counting)
+    monkeypatch.setattr(LabelConditionedUNet, "denoise", counting)
     with pytest.raises(TrainingInterrupted) as err:
         train(cfg, tmp_path / "r", load_iclevr(dataset, progress=False), progress=False)
     assert err.value.exit_code == 130 and (tmp_path / "r" / "state.pt").is_file()
