@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -36,14 +35,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def machine() -> str:
-    """The processor's name (or the GPU's), for the record."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The processor's name and core count, for the record (``clevrgen.runtime.machine_name``)."""
+    from clevrgen.runtime import machine_name
+
+    return machine_name()
 
 
 def fake_data(n: int) -> ImageSet:
