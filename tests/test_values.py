@@ -320,3 +320,17 @@ def test_resuming_a_classic_ema_as_power_emas_says_why():
         ema.load_state_dict({"decay": 0.9999, "optimization_step": 3, "shadow_params": [torch.zeros(2)]})
     assert "the checkpoint holds a classic EMA (train.ema_decay) but the config asks for power EMAs" in first_line(
         err.value) and "train.init=RUN" in first_line(err.value)
+
+
+def test_resuming_power_emas_as_a_classic_ema_says_why(runner, dataset, tmp_path):
+    """Removing train.ema_sigma_rels from a power-EMA run's config is refused with the way on,
+    not the classic EMA's own KeyError, and the run is left as it was."""
+    run = tmp_path / "r"
+    args = ["train", "--out", run, *[x for s in TINY for x in ("--set", s)], "--set", f"data.path='{dataset}'",
+            "--set", "train.steps=2", "--set", "train.ema_sigma_rels=[0.05, 0.10]"]
+    expect(runner, args, 0, "done")
+    state = (run / "state.pt").read_bytes()
+    expect(runner, ["train", "--resume", run, "--set", "train.ema_sigma_rels=[]", "--set", "train.steps=4"], 1,
+           "the checkpoint holds power EMAs (train.ema_sigma_rels = [0.05, 0.1]) but the config asks for a classic EMA",
+           "train.init=RUN")
+    assert (run / "state.pt").read_bytes() == state

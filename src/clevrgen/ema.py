@@ -101,6 +101,17 @@ class PowerEMA:
         self.averages = [[a.clone() for a in average] for average in state["averages"]]
 
 
+def check_classic_resume(state) -> None:
+    """A classic EMA (``train.ema_decay``) cannot continue power EMAs' state: the ValueError says
+    why and how to go on, not the classic EMA's own ``KeyError``."""
+    if isinstance(state, dict) and "sigma_rels" in state:
+        lengths = ", ".join(f"{s:g}" for s in state["sigma_rels"])
+        raise ValueError(f"the checkpoint holds power EMAs (train.ema_sigma_rels = [{lengths}]) but the config asks "
+                         "for a classic EMA (train.ema_decay), and the kind of average cannot change on a resume: put "
+                         f"train.ema_sigma_rels = [{lengths}] back in RUN/config.toml, or start a new run from these "
+                         "weights with train.init=RUN")
+
+
 def sigma_rel_of_decay(decay: float, steps: int) -> float:
     """The relative length of a classic EMA of ``decay`` over a run of ``steps`` (for comparison):
     its profile's standard deviation, about 1 / (1 - decay) steps, over the run's length."""

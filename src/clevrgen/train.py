@@ -27,6 +27,7 @@ from clevrgen import monitor
 from clevrgen.config import Config, TrainConfig, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import training_scheduler
+from clevrgen.ema import check_classic_resume
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
 from clevrgen.loss import diffusion_loss
 from clevrgen.model import (
@@ -314,6 +315,8 @@ class Trainer:
         this machine's AdamW kernel govern the resumed run, not the saved run's."""
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
+            if not self.power_ema:
+                check_classic_resume(state["ema"])
             self.ema.load_state_dict(state["ema"])
             self.ema.to(self.device)
         fused = self.optimizer.param_groups[0]["fused"]
