@@ -214,3 +214,16 @@ def test_the_pipeline_refuses_bad_arguments_with_clevrgens_error(pipe, kwargs, m
     args = {"scenes": ["red sphere"], "seed": 0, "output_type": "pt", **kwargs}
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
         pipe(**args)
+
+
+def test_a_call_too_large_for_memory_is_refused_before_any_work(pipe, monkeypatch):
+    """The images of a call are returned together: a call that cannot hold them is one line, before
+    any noise is drawn or any step taken (the CLI's `sample -n` streams to disk instead)."""
+    import clevrgen.runtime
+    from clevrgen.errors import UsageError
+
+    monkeypatch.setattr(clevrgen.runtime, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(pipe, "_denoise", lambda *args: pytest.fail("sampled before the memory check"))
+    with pytest.raises(UsageError, match=r"10000 images need about 1\.4 GiB at once, and this machine has 1\.0 GiB "
+                                         r"free: draw them in parts"):
+        pipe(labels=torch.zeros(10_000, 24), seed=0, output_type="pil")

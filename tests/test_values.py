@@ -232,6 +232,53 @@ def test_export_does_not_copy_weights_that_do_not_fit(runner, tmp_path, model_di
     assert not (tmp_path / "exp").exists()
 
 
+def test_one_writer_per_model_folder(runner, tmp_path, model_dir):
+    """An export (or save_pretrained) into a folder another process is writing fails at once and
+    writes nothing; the flock of the folder is what a second `clevrgen export` meets."""
+    import fcntl
+    import os
+
+    from clevrgen.errors import ClevrgenError
+    from clevrgen.pipeline import ClevrgenPipeline
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)  # another writer: a second open file description of the folder
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        expect(runner, ["export", model_dir, "--out", out], 1, "is being written by another process",
+               "one writer per output folder")
+        with pytest.raises(ClevrgenError, match="is being written by another process"):
+            ClevrgenPipeline.from_pretrained(model_dir).save_pretrained(out)
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(held)
+    expect(runner, ["export", model_dir, "--out", out], 0, "wrote")
+    assert (out / "model_index.json").is_file() and not any(p.name.endswith(".tmp") for p in out.rglob("*"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"guidance_scale": "5"}, "guidance_scale: Input should be a valid number"),
+    ({"num_inference_steps": 0}, "num_inference_steps: Input should be greater than or equal to 1"),
+    ({"max_objects": True}, "max_objects: Input should be a valid integer"),
+    ({"unet": ["os", "system"]}, "unet.0: Input should be 'diffusers'"),
+    (None, "Input should be an object"),
+])
+def test_a_pipeline_index_without_a_config_is_validated(tmp_path, model_dir, edit, message):
+    """A save_pretrained folder without clevrgen's config.toml is read from model_index.json alone:
+    a hand-edited value is refused in one line at load, not met mid-sampling."""
+    from clevrgen.pipeline import ClevrgenPipeline
+
+    folder = tmp_path / "pipe"
+    ClevrgenPipeline.from_pretrained(model_dir).save_pretrained(folder)
+    (folder / "config.toml").unlink()
+    assert ClevrgenPipeline.from_pretrained(folder).config.max_objects == 3  # the index alone loads
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, **edit}) if edit else "[3]")
+    with pytest.raises(CheckpointError, match="model_index.json is not a valid pipeline index: .*" + message):
+        ClevrgenPipeline.from_pretrained(folder)
+
+
 # --- the value rule: a boolean is not a number; a table merges; the run's own files are inputs ---
 @pytest.mark.parametrize("override", ["train.lr=true", "train.steps=true", "sample.guidance=false",
                                       "train.ema_sigma_rels=[true]", "model.patch_size=true"])

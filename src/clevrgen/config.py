@@ -297,6 +297,30 @@ class TrainingRecord(BaseModel):
     schedule: str | None = None
 
 
+class PipelineIndex(BaseModel):
+    """A pipeline folder's ``model_index.json`` (what ``save_pretrained`` writes), read as strictly
+    as ``training_data.json`` when no ``config.toml`` is beside it: its components come only from
+    diffusers and clevrgen, and its sampling defaults have the CLI's ranges."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    unet: tuple[Literal["diffusers"], Literal["UNet2DModel", "UNet2DConditionModel"]]
+    label_encoder: tuple[Literal["clevrgen"], Literal["LabelEncoder"]]
+    scheduler: tuple[Literal["diffusers"], Annotated[str, Field(pattern=r"^[A-Za-z0-9]+Scheduler$")]]
+    num_inference_steps: int = Field(25, ge=1, le=MAX_SAMPLE_STEPS)
+    guidance_scale: float = Field(2.0, ge=0.0, le=MAX_GUIDANCE)
+    precision: Precision = "fp32"
+    max_objects: int | None = Field(None, ge=0, le=24)
+
+
+def validate_pipeline_index(text: str) -> list[str]:
+    """The problems of a ``model_index.json``'s text, one ``key: message`` each (none: valid)."""
+    try:
+        PipelineIndex.model_validate_json(text)
+    except ValidationError as exc:
+        return [line.removeprefix("config: ") for line in _problems(exc, {})[0]]
+    return []
+
+
 def validate_training_record(record: Any) -> list[str]:
     """The problems of a ``training_data.json`` record, one ``key: message`` each (none: valid)."""
     if not isinstance(record, dict):

@@ -21,7 +21,7 @@ from torch import nn
 from clevrgen.config import Config, ModelConfig, SampleConfig, load_config, to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.labels import COLORS, NUM_CLASSES, SHAPES
-from clevrgen.output import atomic_write_text, input_file
+from clevrgen.output import atomic_write_text, folder_lock, input_file
 
 UNET_DIR = "unet"
 LABEL_ENCODER_DIR = "label_encoder"
@@ -266,21 +266,21 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
     (e.g. ``{"max_objects": 3}``) goes to ``training_data.json``."""
     from clevrgen.diffusion import sampling_scheduler
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if training_data is not None:
-        atomic_write_text(run_dir / DATA_FILE, json.dumps(training_data) + "\n")
-    _replace_dir(lambda tmp: model.unet.save_pretrained(tmp, safe_serialization=True), run_dir / UNET_DIR)
-    # The label encoder stays fp32 (it is tiny), so an fp16 export keeps the labels exact.
-    encoder = copy.deepcopy(model.label_encoder).float()
-    _replace_dir(lambda tmp: encoder.save_pretrained(tmp, safe_serialization=True), run_dir / LABEL_ENCODER_DIR)
-    (run_dir / LABEL_PROJ_FILE).unlink(missing_ok=True)  # an older layout's copy, now stale
-    scheduler = sampling_scheduler(config.diffusion, config.sample.sampler)
-    _replace_dir(lambda tmp: scheduler.save_pretrained(tmp), run_dir / SCHEDULER_DIR)
-    atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
-    record = training_data if training_data is not None else training_data_of(run_dir)
-    write_pipeline_index(run_dir, {"unet": model.unet, "label_encoder": encoder, "scheduler": scheduler}, {
-        "num_inference_steps": config.sample.steps, "guidance_scale": config.sample.guidance,
-        "precision": config.train.precision, "max_objects": record.get("max_objects")})
+    with folder_lock(run_dir):  # one writer: two exports into one folder never mix
+        if training_data is not None:
+            atomic_write_text(run_dir / DATA_FILE, json.dumps(training_data) + "\n")
+        _replace_dir(lambda tmp: model.unet.save_pretrained(tmp, safe_serialization=True), run_dir / UNET_DIR)
+        # The label encoder stays fp32 (it is tiny), so an fp16 export keeps the labels exact.
+        encoder = copy.deepcopy(model.label_encoder).float()
+        _replace_dir(lambda tmp: encoder.save_pretrained(tmp, safe_serialization=True), run_dir / LABEL_ENCODER_DIR)
+        (run_dir / LABEL_PROJ_FILE).unlink(missing_ok=True)  # an older layout's copy, now stale
+        scheduler = sampling_scheduler(config.diffusion, config.sample.sampler)
+        _replace_dir(lambda tmp: scheduler.save_pretrained(tmp), run_dir / SCHEDULER_DIR)
+        atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
+        record = training_data if training_data is not None else training_data_of(run_dir)
+        write_pipeline_index(run_dir, {"unet": model.unet, "label_encoder": encoder, "scheduler": scheduler}, {
+            "num_inference_steps": config.sample.steps, "guidance_scale": config.sample.guidance,
+            "precision": config.train.precision, "max_objects": record.get("max_objects")})
 
 
 def training_data_of(run_dir: Path) -> dict:

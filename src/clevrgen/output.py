@@ -1,4 +1,4 @@
-"""Writing files: atomic writes, the one-writer lock of a run folder, and the one rule of what an
+"""Writing files: atomic writes, the one-writer locks of a run folder and of a model folder, and the one rule of what an
 output may overwrite, which every command follows.
 
 A command that writes a folder claims it first (:func:`claim_folder`): a new or empty folder, or
@@ -262,6 +262,56 @@ def run_lock(folder: Path | str, enabled: bool = True) -> Iterator[None]:
             del _held_locks[key]
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+_held_folders: dict[Path, int] = {}  # resolved folder -> depth of this process's holds
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path | str) -> Iterator[None]:
+    """Within: this process is the one writer of the model folder ``folder`` (an export, a
+    ``save_pretrained``, a checkpoint's artifact), by an exclusive advisory lock on the folder
+    itself, so no lock file is left in the model. It creates ``folder`` (take it after every
+    check that may still refuse the command). A second writer fails at once, having written
+    nothing; the OS drops the lock when the process ends, however it ends. Re-entrant within a
+    process; a no-op where there is no ``fcntl`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = folder.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise write_error(exc if isinstance(exc, OSError) else OSError(errno.ELOOP, str(exc)), folder) from None
+    if key in _held_folders:
+        _held_folders[key] += 1
+        try:
+            yield
+        finally:
+            _held_folders[key] -= 1
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise write_error(exc, folder) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClevrgenError(f"{folder} is being written by another process (an export or a save): one writer "
+                                "per output folder; wait for it to finish, or write into another folder") from None
+        except OSError:  # a file system that cannot lock a folder (NFS emulates flock by write locks): unguarded
+            pass
+        _held_folders[key] = 0
+        try:
+            yield
+        finally:
+            del _held_folders[key]
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
 

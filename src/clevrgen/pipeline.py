@@ -27,6 +27,7 @@ from clevrgen.diffusion import sampling_scheduler
 from clevrgen.errors import UsageError, warn
 from clevrgen.labels import NUM_CLASSES, multi_hot
 from clevrgen.model import LabelConditionedUNet, LabelEncoder, load_artifact, resolve_checkpoint, training_data_of
+from clevrgen.output import input_file
 from clevrgen.runtime import autocast, autocast_dtype
 
 Scenes = Sequence[Sequence[str]] | Sequence[str]
@@ -98,11 +99,23 @@ class ClevrgenPipeline(DiffusionPipeline):
         import importlib
         import json
 
+        from clevrgen.config import validate_pipeline_index
         from clevrgen.errors import CheckpointError, first_line
         from clevrgen.model import MODEL_INDEX, PIPELINE_DEFAULTS
 
         try:
-            index = json.loads((folder / MODEL_INDEX).read_text())
+            text = input_file(folder / MODEL_INDEX).read_text()
+        except FileNotFoundError:
+            raise CheckpointError(f"{folder}: not a clevrgen model or pipeline folder (no config.toml or "
+                                  f"{MODEL_INDEX})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"cannot read {folder / MODEL_INDEX}: {first_line(exc)}") from None
+        problems = validate_pipeline_index(text)
+        if problems:
+            raise CheckpointError(f"{folder / MODEL_INDEX} is not a valid pipeline index: {'; '.join(problems)}; "
+                                  "restore it, or save the pipeline again (save_pretrained)")
+        try:
+            index = json.loads(text)
             components = {}
             for name in ("unet", "label_encoder", "scheduler"):
                 library, class_name = index[name]
@@ -130,7 +143,7 @@ class ClevrgenPipeline(DiffusionPipeline):
         import shutil
 
         from clevrgen.model import CONFIG_FILE, DATA_FILE, PIPELINE_DEFAULTS, write_pipeline_index
-        from clevrgen.output import claim_folder
+        from clevrgen.output import claim_folder, folder_lock
 
         folder = Path(save_directory)
         source = getattr(self, "run_dir", None)
@@ -138,16 +151,17 @@ class ClevrgenPipeline(DiffusionPipeline):
         if not same:
             claim_folder(folder, "model", "save_directory")
         kwargs.setdefault("safe_serialization", True)
-        super().save_pretrained(save_directory, **kwargs)
-        for name in (CONFIG_FILE, DATA_FILE):
-            if same:
-                continue
-            if source is not None and (Path(source) / name).is_file():
-                shutil.copyfile(Path(source) / name, folder / name)
-            else:  # an earlier model's file would describe another model
-                (folder / name).unlink(missing_ok=True)
-        write_pipeline_index(folder, {n: getattr(self, n) for n in ("unet", "label_encoder", "scheduler")},
-                             {k: self.config[k] for k in PIPELINE_DEFAULTS})
+        with folder_lock(folder):  # one writer per model folder, as for `clevrgen export`
+            super().save_pretrained(save_directory, **kwargs)
+            for name in (CONFIG_FILE, DATA_FILE):
+                if same:
+                    continue
+                if source is not None and (Path(source) / name).is_file():
+                    shutil.copyfile(Path(source) / name, folder / name)
+                else:  # an earlier model's file would describe another model
+                    (folder / name).unlink(missing_ok=True)
+            write_pipeline_index(folder, {n: getattr(self, n) for n in ("unet", "label_encoder", "scheduler")},
+                                 {k: self.config[k] for k in PIPELINE_DEFAULTS})
 
     # --- the model's geometry ----------------------------------------------------------------
     @property
@@ -269,20 +283,39 @@ class ClevrgenPipeline(DiffusionPipeline):
             batch_size)
         n, device = len(labels), self._execution_device
         noise_gens, step_gens = self._generators(n, generator, seed)
-        shape = (n, 3, self.image_size, self.image_size)
-        if latents is None:  # drawn where the generator lives (diffusers' convention), the CPU for seed=
-            latents = randn_tensor(shape, generator=noise_gens, device=noise_device(noise_gens), dtype=torch.float32)
+        self._check_memory(n, output_type)
+        size = (3, self.image_size, self.image_size)
+        # The noise is drawn where the generator lives (diffusers' convention), the CPU for seed=;
+        # one generator per image (seed=, a list) draws batch by batch, the same noise in less memory.
+        per_image = isinstance(noise_gens, list)
+        if latents is None and not per_image:
+            latents = randn_tensor((n, *size), generator=noise_gens, device=noise_device(noise_gens), dtype=torch.float32)
         out = []
         with self.progress_bar(total=math.ceil(n / batch_size) * steps) as bar:
             for start in range(0, n, batch_size):
                 batch = slice(start, start + batch_size)
                 gens = step_gens[batch] if isinstance(step_gens, list) else step_gens
-                out.append(self._denoise(labels[batch], latents[batch].to(device), steps, guidance, gens,
+                noise = latents[batch] if latents is not None else randn_tensor(
+                    (len(labels[batch]), *size), generator=noise_gens[batch], device=noise_device(noise_gens),
+                    dtype=torch.float32)
+                out.append(self._denoise(labels[batch], noise.to(device), steps, guidance, gens,
                                          callback_on_step_end, start, bar))
         x = torch.cat(out).clamp(-1.0, 1.0)
         images = self._postprocess(x, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _check_memory(self, n: int, output_type: str) -> None:
+        """Refuse, before any work, a call whose images cannot all be held at once (they are
+        returned together: the images, their concatenation and the output's own copy)."""
+        from clevrgen.runtime import available_memory
+
+        per_image = 3 * self.image_size**2 * 4 * (2 if output_type in ("latent", "pt") else 3)
+        free = available_memory()
+        if free is not None and n * per_image > free:
+            raise UsageError(f"{n} images need about {n * per_image / 2**30:.1f} GiB at once, and this machine has "
+                             f"{free / 2**30:.1f} GiB free: draw them in parts (`clevrgen sample -n` writes its "
+                             "images to disk as it goes)")
 
     def _generators(self, n: int, generator, seed):
         """The noise generators and the step-noise generators (stochastic samplers) of a call."""

@@ -240,6 +240,15 @@ def machine_name(device: "torch.device | None" = None) -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's ``MemAvailable``), None where unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def user_cache_dir() -> Path:
     """``$CLEVRGEN_CACHE``, else ``$XDG_CACHE_HOME/clevrgen``, else ``~/.cache/clevrgen``."""
     if env := os.environ.get("CLEVRGEN_CACHE"):

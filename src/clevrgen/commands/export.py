@@ -60,5 +60,5 @@ def export(
         raise UsageError("--step goes with --ema-sigma-rel (a post-hoc average); a run exports its last weights")
     else:
         export_artifact(source, out, half=not fp32, sample=chosen.sample, stage=True)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))  # no temporaries
     typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB, {'fp32' if fp32 else 'fp16'} weights) from {source}")
