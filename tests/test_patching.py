@@ -164,3 +164,6 @@ def test_the_runs_calendar_says_what_falls_due_after_each_step():
     assert [s for s, d in due.items() if d.snapshot] == [3, 6, 9, 12]
     assert [s for s, d in due.items() if d.checkpoint] == [5, 10, 12]  # the last step always saves
     assert not any(due_after(s, t.model_copy(update={"snapshot_every": 0})).snapshot for s in range(1, 13))
+    # the last step snapshots too: relay stage 2 (8,500 steps, snapshots every 1,000) lost its end without it
+    t = t.model_copy(update={"snapshot_every": 5})
+    assert [s for s in range(1, 13) if due_after(s, t).snapshot] == [5, 10, 12]

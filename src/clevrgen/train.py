@@ -148,11 +148,12 @@ class Due:
 
 def due_after(step: int, t: TrainConfig) -> Due:
     """The run's calendar: what is due after ``step`` by ``train.*_every`` (``t``). The last step
-    logs, evaluates, samples and saves whatever the intervals say; an evaluation is logged."""
+    logs, evaluates, samples, snapshots and saves whatever the intervals say (a run of 8,500 steps
+    that snapshots every 1,000 keeps its end too); an evaluation is logged."""
     last = step == t.steps
     evaluate = step % t.eval_every == 0 or last
     return Due(log=step % t.log_every == 0 or evaluate, evaluate=evaluate, sample=step % t.sample_every == 0 or last,
-               snapshot=bool(t.snapshot_every) and step % t.snapshot_every == 0,
+               snapshot=bool(t.snapshot_every) and (step % t.snapshot_every == 0 or last),
                checkpoint=step % t.checkpoint_every == 0 or last)
 
 
