@@ -319,6 +319,7 @@ def folder_lock(folder: Path | str) -> Iterator[None]:
         key = folder.resolve()
     except (OSError, RuntimeError) as exc:
         raise write_error(exc if isinstance(exc, OSError) else OSError(errno.ELOOP, str(exc)), folder) from None
+
     def refuse(fd: int) -> ClevrgenError:
         return ClevrgenError(f"{folder} is being written by another process (an export or a save): one writer per "
                              "output folder; wait for it to finish, or write into another folder")
