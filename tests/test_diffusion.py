@@ -371,3 +371,12 @@ def test_an_export_adds_its_run_to_the_models_chain_of_stages(tmp_path, dataset,
                                     {**second, "minutes": 2.0, "curve": [{"step": 3, "minutes": 2.0}]}])
     assert [(r["stage"], r["step"], r["minutes"]) for r in rows] == [(0, 2, 1.0), (1, 5, first["minutes"] + 2.0)]
     assert boundaries == [first["minutes"]]
+
+
+def test_a_chain_of_stages_names_its_batch_sizes_where_they_differ():
+    from clevrgen.model import describe_chain
+
+    same = [{"steps": 12_000, "images": 384_000}, {"steps": 7_000, "images": 224_000}]
+    assert describe_chain(same) == "12,000 + 7,000 steps"
+    mixed = [*same, {"steps": 4_250, "images": 272_000}]
+    assert describe_chain(mixed) == "12,000 + 7,000 steps of 32 + 4,250 steps of 64"

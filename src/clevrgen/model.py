@@ -439,13 +439,27 @@ def is_shipped(run_dir: Path) -> bool:
     return Path(run_dir).resolve() == SHIPPED_MODEL.resolve()
 
 
+def describe_chain(stages: list[dict]) -> str:
+    """The steps of a chain of stages, "12,000 + 7,000 steps"; where the stages' batch sizes
+    differ, each run of equal batches says its own: "12,000 + 7,000 steps of 32 + 4,250 steps of 64"."""
+    groups: list[tuple[int, list[str]]] = []
+    for st in stages:
+        batch = st["images"] // st["steps"] if st.get("steps") else 0
+        if groups and groups[-1][0] == batch:
+            groups[-1][1].append(f"{st['steps']:,}")
+        else:
+            groups.append((batch, [f"{st['steps']:,}"]))
+    if len(groups) == 1:
+        return " + ".join(groups[0][1]) + " steps"
+    return " + ".join(" + ".join(steps) + f" steps of {batch}" for batch, steps in groups)
+
+
 def describe_model(run_dir: Path) -> str:
     """One line naming the model a command uses and what it was trained on."""
     record = training_data_of(run_dir)
     name = "the shipped model" if is_shipped(run_dir) else str(run_dir)
     stages = record.get("stages") or []
-    chain = " + ".join(f"{st['steps']:,}" for st in stages)
-    steps = (f"{chain} steps in {len(stages)} stages" if len(stages) > 1
+    steps = (f"{describe_chain(stages)} in {len(stages)} stages" if len(stages) > 1
              else f"{record['steps']} steps" if record.get("steps") else None)
     facts = [f"trained on {record['data']}" if record.get("data") else None, steps]
     facts = [f for f in facts if f]
