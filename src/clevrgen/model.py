@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -442,16 +443,13 @@ def is_shipped(run_dir: Path) -> bool:
 def describe_chain(stages: list[dict]) -> str:
     """The steps of a chain of stages, "12,000 + 7,000 steps"; where the stages' batch sizes
     differ, each run of equal batches says its own: "12,000 + 7,000 steps of 32 + 4,250 steps of 64"."""
-    groups: list[tuple[int, list[str]]] = []
-    for st in stages:
-        batch = st["images"] // st["steps"] if st.get("steps") else 0
-        if groups and groups[-1][0] == batch:
-            groups[-1][1].append(f"{st['steps']:,}")
-        else:
-            groups.append((batch, [f"{st['steps']:,}"]))
+    def batch(stage: dict) -> int:
+        return stage.get("images", 0) // stage["steps"] if stage.get("steps") else 0
+
+    groups = [(size, [f"{st.get('steps', 0):,}" for st in run]) for size, run in groupby(stages, key=batch)]
     if len(groups) == 1:
         return " + ".join(groups[0][1]) + " steps"
-    return " + ".join(" + ".join(steps) + f" steps of {batch}" for batch, steps in groups)
+    return " + ".join(" + ".join(steps) + f" steps of {size}" for size, steps in groups)
 
 
 def describe_model(run_dir: Path) -> str:
