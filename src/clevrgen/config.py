@@ -108,6 +108,10 @@ class ModelConfig(Section):
     """Pixel-unshuffle each p x p patch into channels before the UNet and shuffle back after it:
     the UNet works on (image_size / p)^2 positions with 3 p^2 channels, and every pixel of the
     full-size image is still predicted. 2 is ~5x cheaper than 1 on the CPU."""
+    source_image: bool = False
+    """An editor: the UNet also sees a source scene (after the same pixel-unshuffle as the noisy
+    image, as extra input channels) and draws it with the objects of its label added. Trained on
+    i-CLEVR's own sequences (image k -> k + 1); an empty (all-zero) source is no source at all."""
 
     @field_validator("block_out_channels")
     @classmethod
@@ -188,7 +192,14 @@ class TrainConfig(Section):
     that ``clevrgen export RUN --ema-sigma-rel S`` can build the average of any length S after
     training. Empty: the classic EMA."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    """Probability that a training label is replaced by the empty (unconditional) label."""
+    """Probability that a training label is replaced by the empty (unconditional) label (an
+    editor: that the label alone is, its source kept)."""
+    source_dropout: float = Field(0.05, ge=0.0, le=1.0)
+    """An editor's: probability that the source image alone is replaced by the empty one."""
+    joint_dropout: float = Field(0.05, ge=0.0, le=1.0)
+    """An editor's: probability that the label and the source are both dropped (InstructPix2Pix:
+    5 % each of the three), so that one network gives the predictions that its two guidance
+    scales combine."""
     hflip: bool = True
     seed: Seed = 0
     device: Device = "auto"
@@ -229,6 +240,9 @@ class SampleConfig(Section):
     steps: int = Field(25, ge=1, le=MAX_SAMPLE_STEPS)
     guidance: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE)
     """Classifier-free guidance scale; 1 is plain conditional sampling, 0 unconditional."""
+    image_guidance: float = Field(1.5, ge=0.0, le=MAX_GUIDANCE)
+    """An editor's guidance toward its source image (InstructPix2Pix's image_guidance_scale): 1
+    follows the source as trained, more keeps more of it; ``guidance`` then weighs the labels."""
     seed: Seed = 0
     batch_size: int = Field(64, ge=1, le=65_536)
     num: int = Field(8, ge=1, le=100_000)
@@ -280,6 +294,14 @@ class Config(Section):
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     judge: JudgeConfig = JudgeConfig()
+
+    @model_validator(mode="after")
+    def _editor_dropout(self) -> "Config":
+        t = self.train
+        if self.model.source_image and t.label_dropout + t.source_dropout + t.joint_dropout > 1:
+            raise ValueError("train.label_dropout + source_dropout + joint_dropout are the shares of an editor's "
+                             "batch that drop the label, the source or both: together at most 1")
+        return self
 
 
 class TrainingRecord(BaseModel):

@@ -88,7 +88,8 @@ class LabelConditionedUNet(nn.Module):
 
     With ``patch_size`` p > 1 the UNet sees each p x p patch of the image as 3 p^2 channels
     (pixel-unshuffle) and its output is shuffled back: full-size images in and out, at the cost
-    of a UNet working at 1/p the resolution.
+    of a UNet working at 1/p the resolution. An editor's UNet (twice the input channels) also
+    sees a ``source`` image beside the noisy one; the empty source (zeros, or None) is no source.
     """
 
     def __init__(self, unet: nn.Module, label_encoder: LabelEncoder, patch_size: int = 1):
@@ -97,18 +98,44 @@ class LabelConditionedUNet(nn.Module):
         self.label_encoder = label_encoder
         self.patch_size = patch_size
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, num_objects: int | None = None) -> torch.Tensor:
-        return self.denoise(x, t, self.label_encoder(labels, num_objects))
+    @property
+    def is_editor(self) -> bool:
+        """Whether the UNet takes a source image (its input channels are twice its output's)."""
+        return self.unet.config.in_channels == 2 * self.unet.config.out_channels
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, num_objects: int | None = None,
+                source: torch.Tensor | None = None) -> torch.Tensor:
+        return self.denoise(x, t, self.label_encoder(labels, num_objects), source)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, torch.Tensor],
+                source: torch.Tensor | None = None) -> torch.Tensor:
         """The prediction for labels already encoded (``label_encoder(labels)``): a sampling loop
-        encodes its labels once, not at every step."""
+        encodes its labels once, not at every step. ``source``: an editor's source images, as
+        ``x`` in [-1, 1] (None: the empty source)."""
         from torch.nn.functional import pixel_shuffle, pixel_unshuffle
 
         p = self.patch_size
-        if p == 1:
-            return self.unet(x, t, **conditioning).sample
-        return pixel_shuffle(self.unet(pixel_unshuffle(x, p), t, **conditioning).sample, p)
+        unshuffle = (lambda image: pixel_unshuffle(image, p)) if p > 1 else (lambda image: image)
+        if self.is_editor:  # the channels: [noisy patch, source patch]
+            source = torch.zeros_like(x) if source is None else source.to(x.dtype)
+            x_in = torch.cat([unshuffle(x), unshuffle(source)], dim=1)
+        elif source is not None:
+            raise ValueError("this model is a generator: it takes no source image")
+        else:
+            x_in = unshuffle(x)
+        out = self.unet(x_in, t, **conditioning).sample
+        return pixel_shuffle(out, p) if p > 1 else out
+
+
+def widen_to_editor(editor: LabelConditionedUNet, generator: LabelConditionedUNet) -> None:
+    """Start ``editor`` as ``generator``: every weight copied, and the first convolution's new
+    source channels zero, so that the editor's first prediction is the generator's, whatever
+    the source (InstructPix2Pix's initialisation)."""
+    state = generator.state_dict()
+    key = "unet.conv_in.weight"
+    wide = torch.zeros_like(editor.state_dict()[key])
+    wide[:, : state[key].shape[1]] = state[key]
+    editor.load_state_dict({**state, key: wide})
 
 
 def is_conditional(cfg: ModelConfig) -> bool:
@@ -122,7 +149,7 @@ def unet_arguments(cfg: ModelConfig) -> dict:
     channels = 3 * cfg.patch_size**2
     common = dict(
         sample_size=cfg.image_size // cfg.patch_size,
-        in_channels=channels,
+        in_channels=2 * channels if cfg.source_image else channels,
         out_channels=channels,
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,

@@ -30,15 +30,28 @@ def held_out_objective(cfg: DiffusionConfig) -> DiffusionConfig:
 @torch.no_grad()
 def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batch_size: int, size: int,
                   objective: DiffusionConfig | None = None, should_stop=None) -> float:
-    """Mean loss over (up to 512 of) the held-out images, with fixed noise: comparable over time."""
+    """Mean loss over (up to 512 of) the held-out images, with fixed noise: comparable over time.
+    An editor's is over (up to 512 of) the held-out pairs, each target drawn from its source."""
+    import functools
+
     gen = torch.Generator(device).manual_seed(1234)
-    images, labels = resize_images(val.images[:512], size).to(device), val.labels[:512].to(device)
+    sources = None
+    if getattr(model, "is_editor", False):
+        from clevrgen.data.pairs import edit_pairs
+
+        pairs = edit_pairs(val)[:512]
+        sources = resize_images(val.images[pairs[:, 0]], size).to(device)
+        images, labels = resize_images(val.images[pairs[:, 1]], size).to(device), val.labels[pairs[:, 1]].to(device)
+    else:
+        images, labels = resize_images(val.images[:512], size).to(device), val.labels[:512].to(device)
     total = 0.0
     for start in range(0, len(images), batch_size):
         if should_stop is not None and should_stop():
             raise SamplingStopped
-        x0 = to_float(images[start:start + batch_size])
-        total += diffusion_loss(model, noise_scheduler, x0, labels[start:start + batch_size], gen, amp_dtype,
+        batch = slice(start, start + batch_size)
+        x0 = to_float(images[batch])
+        denoiser = model if sources is None else functools.partial(model, source=to_float(sources[batch]))
+        total += diffusion_loss(denoiser, noise_scheduler, x0, labels[batch], gen, amp_dtype,
                                 objective).item() * len(x0)
     return total / max(1, len(images))
 

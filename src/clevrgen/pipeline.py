@@ -166,7 +166,7 @@ class ClevrgenPipeline(DiffusionPipeline):
     # --- the model's geometry ----------------------------------------------------------------
     @property
     def patch_size(self) -> int:
-        return round(math.sqrt(self.unet.config.in_channels / 3))
+        return round(math.sqrt(self.unet.config.out_channels / 3))
 
     @property
     def image_size(self) -> int:

@@ -32,7 +32,7 @@ from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interru
 from clevrgen.loss import diffusion_loss
 from clevrgen.model import (
     LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
-    set_attention_kernel, training_data_of, warn_if_upsampled,
+    set_attention_kernel, training_data_of, warn_if_upsampled, widen_to_editor,
 )
 from clevrgen.output import WriteError, append_jsonl, atomic_write_text, run_lock
 from clevrgen.pipeline import SamplingStopped
@@ -73,12 +73,18 @@ def init_from(model: LabelConditionedUNet, cfg: Config) -> Path:
         trained, source_cfg = load_artifact(source)
     except CheckpointError as exc:  # say which setting named the model
         raise CheckpointError(f"train.init: {exc}") from None
-    if source_cfg.model != cfg.model:
-        differ = [k for k in type(cfg.model).model_fields if getattr(cfg.model, k) != getattr(source_cfg.model, k)]
+    # an editor may start from the generator of its architecture (its source channels at zero)
+    widen = cfg.model.source_image and not source_cfg.model.source_image
+    expected = cfg.model.model_copy(update={"source_image": False}) if widen else cfg.model
+    if source_cfg.model != expected:
+        differ = [k for k in type(cfg.model).model_fields if getattr(expected, k) != getattr(source_cfg.model, k)]
         raise ConfigError([f"train.init: {source} is another architecture "
                            f"(model.{differ[0]}: {getattr(source_cfg.model, differ[0])!r}, "
-                           f"this config: {getattr(cfg.model, differ[0])!r})"])
-    model.load_state_dict(trained.state_dict())
+                           f"this config: {getattr(expected, differ[0])!r})"])
+    if widen:
+        widen_to_editor(model, trained)
+    else:
+        model.load_state_dict(trained.state_dict())
     return source
 
 
@@ -194,6 +200,20 @@ class Trainer:
         shard = slice(self.dist.rank, None, self.dist.world_size)
         self.images = resize_images(self.train_set.images[shard], cfg.model.image_size).to(self.device)
         self.labels = self.train_set.labels[shard].to(self.device)
+        self.pairs = None  # an editor's (source, target) rows of self.images
+        if cfg.model.source_image:
+            from clevrgen.data.pairs import edit_pairs
+
+            if cfg.data.fresh > 0:
+                raise UsageError("data.fresh: an editor trains on the dataset's sequences; fresh renders are not "
+                                 "pairs (set data.fresh = 0)")
+            self.pairs = edit_pairs(self.train_set)[shard.start::shard.step].to(self.device)
+            # every image of the training scenes is some pair's source or target: all stay on each rank
+            self.images = resize_images(self.train_set.images, cfg.model.image_size).to(self.device)
+            self.labels = self.train_set.labels.to(self.device)
+            if not len(self.pairs):
+                raise UsageError(f"model.source_image: {cfg.data.path or 'the dataset'} has no image sequences "
+                                 "(<scene>_<k>.png -> <scene>_<k+1>.png) to train an editor on")
         self.fresh = None  # new scenes rendered on the device at every step
         if cfg.data.fresh > 0:
             from clevrgen.data.embedded import FreshScenes
@@ -205,6 +225,8 @@ class Trainer:
                                                  cfg.data.fresh_objects[1] if self.fresh else 0),
                               "images": len(self.train_set), "data": describe_data(cfg.data),
                               "machine": machine_name(self.device)}
+        if self.pairs is not None:
+            self.training_data["pairs"] = len(self.pairs) * self.dist.world_size
 
     def build_model(self, resume: bool) -> None:
         """The model (from ``train.init``'s weights, unless a resume's checkpoint brings them),
@@ -243,12 +265,20 @@ class Trainer:
     # --- the step ----------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
         """One optimizer step; the loss stays on the device (no sync)."""
-        fresh = self.fresh.draw(self.step) if self.fresh is not None else None
-        x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen, fresh)
-        if self.cfg.train.channels_last:
+        t = self.cfg.train
+        source = {}
+        if self.pairs is not None:
+            from clevrgen.data.pairs import draw_edit_batch
+
+            x0, labels, source["source"] = draw_edit_batch(self.images, self.labels, self.pairs, t.batch_size, self.gen,
+                                                           t.label_dropout, t.source_dropout, t.joint_dropout, t.hflip)
+        else:
+            fresh = self.fresh.draw(self.step) if self.fresh is not None else None
+            x0, labels = draw_batch(self.images, self.labels, self.cfg, self.gen, fresh)
+        if t.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         # as many object tokens as the data's largest scene: a fixed shape, no step waits for the device
-        denoiser = functools.partial(self.forward, num_objects=self.training_data["max_objects"])
+        denoiser = functools.partial(self.forward, num_objects=self.training_data["max_objects"], **source)
         loss = diffusion_loss(denoiser, self.noise_scheduler, x0, labels, self.gen, self.amp_dtype,
                               self.cfg.diffusion)
         self.optimizer.zero_grad(set_to_none=True)
