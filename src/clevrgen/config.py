@@ -332,6 +332,7 @@ class PipelineIndex(BaseModel):
     guidance_scale: float = Field(2.0, ge=0.0, le=MAX_GUIDANCE)
     precision: Precision = "fp32"
     max_objects: int | None = Field(None, ge=0, le=24)
+    image_guidance_scale: float = Field(1.5, ge=0.0, le=MAX_GUIDANCE)
 
 
 def validate_pipeline_index(text: str) -> list[str]:

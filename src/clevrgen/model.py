@@ -266,7 +266,7 @@ def _settled_dir(target: Path) -> Path:
 
 
 MODEL_INDEX = "model_index.json"
-PIPELINE_DEFAULTS = ("num_inference_steps", "guidance_scale", "precision", "max_objects")
+PIPELINE_DEFAULTS = ("num_inference_steps", "guidance_scale", "precision", "max_objects", "image_guidance_scale")
 """The settings a ClevrgenPipeline keeps in model_index.json beside its components."""
 STUB_MODULE = "pipeline_clevrgen"
 """A one-line module in every artifact, named by ``model_index.json``'s ``_class_name``, through
@@ -308,7 +308,8 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
         record = training_data if training_data is not None else training_data_of(run_dir)
         write_pipeline_index(run_dir, {"unet": model.unet, "label_encoder": encoder, "scheduler": scheduler}, {
             "num_inference_steps": config.sample.steps, "guidance_scale": config.sample.guidance,
-            "precision": config.train.precision, "max_objects": record.get("max_objects")})
+            "precision": config.train.precision, "max_objects": record.get("max_objects"),
+            "image_guidance_scale": config.sample.image_guidance})
 
 
 def training_data_of(run_dir: Path) -> dict:

@@ -46,16 +46,18 @@ class ClevrgenPipeline(DiffusionPipeline):
         precision: autocast while sampling: "bf16", "fp16", "fp32", or "auto" (bf16 on CUDA). On a
             CPU without bf16 (fp16) kernels, such as an AVX2-only one, "bf16" ("fp16") samples in fp32.
         max_objects: the most objects in one training image (a larger scene warns), or None.
+        image_guidance_scale: an editor's default guidance toward its source image.
     """
 
     model_cpu_offload_seq = "label_encoder->unet"
 
     def __init__(self, unet, label_encoder: LabelEncoder, scheduler, num_inference_steps: int = 25,
-                 guidance_scale: float = 2.0, precision: str = "fp32", max_objects: int | None = None):
+                 guidance_scale: float = 2.0, precision: str = "fp32", max_objects: int | None = None,
+                 image_guidance_scale: float = 1.5):
         super().__init__()
         self.register_modules(unet=unet, label_encoder=label_encoder, scheduler=scheduler)
         self.register_to_config(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                precision=precision, max_objects=max_objects)
+                                precision=precision, max_objects=max_objects, image_guidance_scale=image_guidance_scale)
 
     # --- loading and saving ----------------------------------------------------------------
     @classmethod
@@ -73,7 +75,8 @@ class ClevrgenPipeline(DiffusionPipeline):
         s = config.sample
         pipe = cls.from_denoiser(model, sampling_scheduler(saved.diffusion, s.sampler), num_inference_steps=s.steps,
                                  guidance_scale=s.guidance, precision=config.train.precision,
-                                 max_objects=training_data_of(run_dir).get("max_objects"))
+                                 max_objects=training_data_of(run_dir).get("max_objects"),
+                                 image_guidance_scale=s.image_guidance)
         pipe.run_dir = run_dir
         return pipe, config
 
@@ -257,8 +260,11 @@ class ClevrgenPipeline(DiffusionPipeline):
         labels: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         batch_size: int = 64,
+        image: "torch.Tensor | Sequence | None" = None,
+        image_guidance_scale: float | None = None,
     ):
-        """Draw one image per scene.
+        """Draw one image per scene; an editor (``model.source_image``) given ``image`` draws
+        each source image with its scene's objects (the source's and the added ones).
 
         Args:
             scenes: phrase lists such as ``[["red sphere", "cyan cube"], ["gray cube"]]``; a flat
@@ -276,12 +282,17 @@ class ClevrgenPipeline(DiffusionPipeline):
             callback_on_step_end: ``f(pipe, step_index, timestep, {"latents": x})`` after every
                 step, returning that dict (a changed ``latents`` replaces the state).
             latents: the initial noise [N, 3, 64, 64] instead of drawing it.
-            batch_size: images per UNet batch (twice that with guidance).
+            batch_size: images per UNet batch (twice that with guidance; three times with ``image``).
+            image: an editor's source scenes, one per scene (or one for all): PIL images, or a
+                tensor [N, 3, 64, 64] in [0, 1] as ``output_type="pt"`` returns (uint8: 0-255).
+            image_guidance_scale: how strongly the edit keeps its source (InstructPix2Pix's
+                scale: the prediction is uncond + s_image (source - uncond) + s (full - source)).
         """
         steps, guidance, labels, callback_on_step_end = self._check_call(
             scenes, num_inference_steps, guidance_scale, seed, output_type, callback_on_step_end, labels, latents,
             batch_size)
         n, device = len(labels), self._execution_device
+        source, image_guidance = self._check_image(image, image_guidance_scale, n)
         noise_gens, step_gens = self._generators(n, generator, seed)
         self._check_memory(n, output_type)
         size = (3, self.image_size, self.image_size)
@@ -298,8 +309,9 @@ class ClevrgenPipeline(DiffusionPipeline):
                 noise = latents[batch] if latents is not None else randn_tensor(
                     (len(labels[batch]), *size), generator=noise_gens[batch], device=noise_device(noise_gens),
                     dtype=torch.float32)
+                edit = None if source is None else (source[batch].to(device), image_guidance)
                 out.append(self._denoise(labels[batch], noise.to(device), steps, guidance, gens,
-                                         callback_on_step_end, start, bar))
+                                         callback_on_step_end, start, bar, edit))
         x = torch.cat(out).clamp(-1.0, 1.0)
         images = self._postprocess(x, output_type)
         self.maybe_free_model_hooks()
@@ -331,7 +343,36 @@ class ClevrgenPipeline(DiffusionPipeline):
             raise UsageError(f"{len(generator)} generators for {n} images: give one, or one per image")
         return generator, generator
 
-    def _denoise(self, labels, x, steps, guidance, generators, callback, offset, bar) -> torch.Tensor:
+    def _check_image(self, image, image_guidance_scale, n: int) -> tuple[torch.Tensor | None, float]:
+        """An editor's source images as float [N, 3, S, S] in [-1, 1] on the CPU (None: none given)
+        and the image guidance scale; an image given to a generator, or of another size, is a
+        UsageError."""
+        from clevrgen.config import MAX_GUIDANCE
+
+        scale = _checked_number("image_guidance_scale", self.config.image_guidance_scale
+                                if image_guidance_scale is None else image_guidance_scale, 0.0, MAX_GUIDANCE)
+        if image is None:
+            return None, scale
+        if not self.is_editor:
+            raise UsageError("this model is a generator: it draws scenes from noise and takes no image "
+                             "(give an editor, e.g. the shipped editor, to edit a scene)")
+        source = _image_tensor(image)
+        size = self.image_size
+        if source.shape[1:] != (3, size, size):
+            raise UsageError(f"image {list(source.shape)}: this editor takes [N, 3, {size}, {size}] images")
+        if len(source) == 1 and n > 1:
+            source = source.expand(n, -1, -1, -1)
+        if len(source) != n:
+            raise UsageError(f"{len(source)} source images for {n} scenes: give one, or one per scene")
+        return source * 2 - 1, scale
+
+    @property
+    def is_editor(self) -> bool:
+        return self.unet.config.in_channels == 2 * self.unet.config.out_channels
+
+    def _denoise(self, labels, x, steps, guidance, generators, callback, offset, bar, edit=None) -> torch.Tensor:
+        if edit is not None:
+            return self._denoise_edit(labels, x, steps, guidance, generators, callback, offset, bar, *edit)
         scheduler, model = self.scheduler, self.denoiser()
         device = x.device
         amp = autocast_dtype(self.config.precision, device) if self.unet.dtype == torch.float32 else None
@@ -360,6 +401,33 @@ class ClevrgenPipeline(DiffusionPipeline):
             bar.update()
         return x
 
+    def _denoise_edit(self, labels, x, steps, guidance, generators, callback, offset, bar, source,
+                      image_guidance) -> torch.Tensor:
+        """An editor's loop: three predictions a step in one batch (labels and source; source
+        alone; neither), combined as in InstructPix2Pix."""
+        scheduler, model = self.scheduler, self.denoiser()
+        device = x.device
+        amp = autocast_dtype(self.config.precision, device) if self.unet.dtype == torch.float32 else None
+        scheduler.set_timesteps(steps, device=device)
+        x = x * scheduler.init_noise_sigma
+        objects = int(labels.sum(dim=1).max())
+        labels = labels.to(device)
+        empty = torch.zeros_like(labels)
+        with autocast(device, amp):
+            conditioning = model.label_encoder(torch.cat([labels, empty, empty]), objects)
+        sources = torch.cat([source, source, torch.zeros_like(source)]).to(self.unet.dtype)
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([scheduler.scale_model_input(x, t)] * 3).to(self.unet.dtype)
+            with autocast(device, amp):
+                full, kept, uncond = model.denoise(model_input, t, conditioning, sources).chunk(3)
+                out = uncond + image_guidance * (kept - uncond) + guidance * (full - kept)
+            x = scheduler.step(out.float(), t, x, generator=generators).prev_sample
+            if callback is not None:
+                result = callback(self, i, t, {"latents": x, "batch_start": offset})
+                x = result.get("latents", x) if result else x
+            bar.update()
+        return x
+
     def _postprocess(self, x: torch.Tensor, output_type: str):
         from clevrgen.data.iclevr import IMAGE_SIZE, resize_images
 
@@ -372,6 +440,27 @@ class ClevrgenPipeline(DiffusionPipeline):
             return images
         array = images.permute(0, 2, 3, 1).numpy()
         return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+def _image_tensor(image) -> torch.Tensor:
+    """Source images as float [N, 3, H, W] in [0, 1]: PIL images (one or a list), or a tensor in
+    [0, 1] (float) or 0-255 (uint8), [3, H, W] or [N, 3, H, W]."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, Image.Image) or (isinstance(image, Sequence) and image and
+                                          all(isinstance(i, Image.Image) for i in image)):
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        return torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                            for i in images])
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+        raise UsageError(f"image {type(image).__name__}: give PIL images or a tensor [N, 3, H, W] in [0, 1]")
+    image = image[None] if image.ndim == 3 else image
+    if image.dtype == torch.uint8:
+        return image.float().cpu() / 255
+    if not image.is_floating_point() or not bool(((image >= 0) & (image <= 1)).all()):
+        raise UsageError("image: a float tensor's values must be in [0, 1] (none NaN), as output_type='pt' gives")
+    return image.float().cpu()
 
 
 def noise_device(generator: torch.Generator | list[torch.Generator] | None) -> torch.device:
