@@ -113,3 +113,167 @@ def test_a_tiny_editor_trains_from_a_generator_and_edits_through_the_pipeline(da
     generator = ClevrgenPipeline.from_pretrained(tmp_path / "gen")
     with pytest.raises(UsageError, match="generator"):
         generator([["red sphere"]], image=source, seed=0)
+
+
+# --- the edit command and the edit evaluation -------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny generator (2 steps) and a tiny editor trained 2 steps from it, with their dataset."""
+    import os
+
+    from conftest import write_dataset
+
+    from clevrgen.data.iclevr import load_iclevr
+    from clevrgen.train import train
+
+    root = tmp_path_factory.mktemp("edit")
+    old = os.environ.get("CLEVRGEN_CACHE")
+    os.environ["CLEVRGEN_CACHE"] = str(root / "cache")
+    try:
+        dataset = write_dataset(root / "iclevr-mini", scenes=8)
+        data = load_iclevr(dataset, progress=False)
+        train(_config(["model.source_image=false", "train.steps=2", f"data.path='{dataset}'"]), root / "gen", data,
+              progress=False)
+        train(_config([f"train.init='{root / 'gen'}'", "train.steps=2", f"data.path='{dataset}'"]), root / "edit",
+              data, progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("CLEVRGEN_CACHE", None)
+        else:
+            os.environ["CLEVRGEN_CACHE"] = old
+    return root / "gen", root / "edit", dataset
+
+
+def _scene_png(path, mode="RGB", size=(64, 64)):
+    from PIL import Image
+
+    Image.new(mode, size, (120, 120, 118, 255)[: len(mode)] if mode != "L" else 120).save(path)
+    return path
+
+
+def test_edit_adds_an_object_to_a_scene_the_user_describes(tiny_models, runner, tmp_path):
+    from PIL import Image
+
+    from clevrgen.cli import app
+
+    _, editor, _ = tiny_models
+    scene = _scene_png(tmp_path / "scene.png")
+    result = runner.invoke(app, ["edit", str(scene), "--has", "cyan cube", "--add", "red sphere", "-o",
+                                 str(tmp_path / "out.png"), "--checkpoint", str(editor)])
+    assert result.exit_code == 0, result.output
+    assert "cyan cube, red sphere" in result.output
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_edit_converts_and_resizes_a_scene_and_says_so(tiny_models, runner, tmp_path):
+    from clevrgen.cli import app
+
+    _, editor, _ = tiny_models
+    scene = _scene_png(tmp_path / "scene.png", mode="RGBA", size=(320, 240))
+    result = runner.invoke(app, ["edit", str(scene), "--has", "cyan cube", "--add", "red sphere", "-o",
+                                 str(tmp_path / "out.png"), "--checkpoint", str(editor)])
+    assert result.exit_code == 0, result.output
+    assert "converted to RGB" in result.output and "resized to 64x64" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--has", "cyan cube", "--add", "cyan cube"], "already has a cyan cube"),
+    (["--has", "cyan cube", "--has", "red cube", "--has", "blue cube", "--has", "gray cube", "--has", "green cube",
+      "--add", "red sphere"], "already has 5 objects"),
+    (["--has", "cyan cube", "--add", "pink sphere"], "unknown phrase"),
+    (["--has", "cyan cube"], "--add"),
+])
+def test_edit_refuses_what_cannot_be_added(tiny_models, runner, tmp_path, args, message):
+    from clevrgen.cli import app
+
+    _, editor, _ = tiny_models
+    scene = _scene_png(tmp_path / "scene.png")
+    result = runner.invoke(app, ["edit", str(scene), *args, "-o", str(tmp_path / "out.png"), "--checkpoint", str(editor)])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_edit_names_a_file_that_is_not_an_image_and_overwrites_nothing_it_does_not_own(tiny_models, runner, tmp_path):
+    from clevrgen.cli import app
+
+    _, editor, _ = tiny_models
+    (tmp_path / "scene.png").write_bytes(b"not a png")
+    result = runner.invoke(app, ["edit", str(tmp_path / "scene.png"), "--has", "cyan cube", "--add", "red sphere",
+                                 "-o", str(tmp_path / "out.png"), "--checkpoint", str(editor)])
+    assert result.exit_code != 0 and "scene.png is not a readable image" in result.output
+    config = tmp_path / "config.toml"
+    config.write_text("[train]\nsteps = 3\n")
+    scene = _scene_png(tmp_path / "ok.png")
+    result = runner.invoke(app, ["edit", str(scene), "--has", "cyan cube", "--add", "red sphere", "-o", str(config),
+                                 "--checkpoint", str(editor)])
+    assert result.exit_code != 0 and config.read_text() == "[train]\nsteps = 3\n"
+
+
+def test_edit_without_has_reads_the_scene_with_the_judge_and_says_what_it_read(tiny_models, runner, tmp_path,
+                                                                               monkeypatch):
+    import clevrgen.editing as editing
+    from clevrgen.cli import app
+
+    _, editor, _ = tiny_models
+    scene = _scene_png(tmp_path / "scene.png")
+    reading = torch.zeros(1, 24)
+    monkeypatch.setattr("clevrgen.judge.load_judge", lambda *a, **k: None)
+    monkeypatch.setattr("clevrgen.judge.judge_probs", lambda judge, images: reading)
+    result = runner.invoke(app, ["edit", str(scene), "--add", "red sphere", "-o", str(tmp_path / "out.png"),
+                                 "--checkpoint", str(editor)])
+    assert result.exit_code != 0 and "--has" in result.output and "reads no object" in result.output
+    reading[0, 6] = 0.9  # cyan cube
+    result = runner.invoke(app, ["edit", str(scene), "--add", "red sphere", "-o", str(tmp_path / "out.png"),
+                                 "--checkpoint", str(editor)])
+    assert result.exit_code == 0, result.output
+    assert "the judge reads" in result.output and "cyan cube" in result.output
+    assert editing.PHRASES[6] == "cyan cube"
+
+
+def test_edit_sequence_writes_the_steps_as_a_strip(tiny_models, runner, tmp_path):
+    from PIL import Image
+
+    from clevrgen.cli import app
+
+    generator, editor, _ = tiny_models
+    result = runner.invoke(app, ["edit", "--sequence", "gray cube", "red sphere", "cyan cylinder", "-o",
+                                 str(tmp_path / "steps.png"), "--checkpoint", str(editor), "--generator", str(generator)])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "steps.png") as image:
+        assert image.size == (3 * 66 + 2, 68)  # three frames in a row (make_grid's padding 2)
+    result = runner.invoke(app, ["edit", "--sequence", "gray cube", "gray cube", "-o", str(tmp_path / "x.png"),
+                                 "--checkpoint", str(editor)])
+    assert result.exit_code != 0 and "duplicate" in result.output
+
+
+def test_evaluate_task_edit_scores_the_held_out_pairs(tiny_models, runner, tmp_path):
+    import json
+
+    from clevrgen.cli import app
+
+    _, editor, dataset = tiny_models
+    result = runner.invoke(app, ["evaluate", "--task", "edit", "--checkpoint", str(editor), "--data", str(dataset),
+                                 "--out", str(tmp_path / "ev"), "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert record["task"] == "edit" and record["pairs"] >= 2 and len(record["passes"]) == 2
+    for key in ("topk_accuracy", "exact_accuracy", "f1", "source_kept", "psnr", "ssim"):
+        assert key in record and key in record["real_pairs"]
+    assert len(record["iterative"]["f1_by_step"]) == 3
+    assert (tmp_path / "ev" / "grid.png").is_file()
+    result = runner.invoke(app, ["evaluate", "--task", "edit", "--checkpoint", str(tiny_models[0]), "--data",
+                                 str(dataset), "--out", str(tmp_path / "ev2")])
+    assert result.exit_code != 0 and "is a generator" in result.output
+
+
+def test_the_edit_metrics():
+    from clevrgen.editing import f1_scores, psnr, ssim
+
+    a = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert torch.isinf(psnr(a, a)).all() and torch.allclose(ssim(a, a), torch.ones(2))
+    b = (a.int() + 10).clamp(max=255).to(torch.uint8)
+    assert (psnr(a, b) > 20).all() and (ssim(a, b) < 1).all()
+    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    probs = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.1, 0.1]])
+    assert f1_scores(probs, labels).tolist() == pytest.approx([0.5, 0.0])

@@ -14,7 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from clevrgen import __version__
-from clevrgen.commands import data, demo, denoise_strip, evaluate, evaluator, export, sample, train
+from clevrgen.commands import data, demo, denoise_strip, edit, evaluate, evaluator, export, sample, train
 from clevrgen.errors import ClevrgenError, ClevrgenWarning
 from clevrgen.runtime import StopSignal, sigterm_raises
 from clevrgen.output import DISK_ERRNOS, name_too_long
@@ -99,6 +99,7 @@ app.command("evaluate", help=evaluate.HELP, epilog=evaluate.EXAMPLES)(evaluate.e
 app.command("denoise-strip", help=denoise_strip.HELP, epilog=denoise_strip.EXAMPLES)(
     denoise_strip.denoise_strip
 )
+app.command("edit", help=edit.HELP, epilog=edit.EXAMPLES)(edit.edit)
 app.command("export", help=export.HELP, epilog=export.EXAMPLES)(export.export)
 app.command("demo", help=demo.HELP, epilog=demo.EXAMPLES)(demo.demo)
 app.add_typer(data.app, name="data")

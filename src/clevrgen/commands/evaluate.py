@@ -22,6 +22,8 @@ EXAMPLES = """Examples:
   clevrgen evaluate --split test --seeds 4 --seed 10000   # mean and spread over 4 passes
 
   clevrgen evaluate --split my_scenes.json --evaluator classifier_weight.pth --out eval/
+
+  clevrgen evaluate --task edit --data ../shared/iclevr --seeds 4   # the editor on i-CLEVR's held-out pairs
 """
 
 
@@ -37,6 +39,12 @@ def evaluate(
                                        "accuracies are their mean, with the spread beside them. (default: 1)")] = 1,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the grid, images and results. (default: RUN/eval-<split>; ./eval-<split> for the shipped model)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
+    task: Annotated[str, typer.Option("--task", help="generate: draw a split's label sets; edit: add the next object to "
+                                      "each held-out pair's source (an editor, the shipped one by default).")] = "generate",
+    data: Annotated[Optional[Path], typer.Option("--data", help="--task edit: the i-CLEVR folder whose held-out scenes' "
+                                                 "pairs are edited. (default: the editor's data.path)")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="--task edit: only the first N held-out pairs "
+                                                 "(and N scenes built step by step).")] = None,
     config: SampleConfigOption = None,
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
@@ -44,8 +52,19 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
+    from clevrgen.errors import UsageError
     from clevrgen.evaluation import evaluate_split
     from clevrgen.labels import load_label_sets
+
+    if task not in ("generate", "edit"):
+        raise UsageError(f"--task {task!r}: choose generate or edit")
+    if task == "edit":
+        if split is not None:
+            raise UsageError("--task edit scores the held-out pairs of --data: give no --split with it")
+        return _evaluate_edits(checkpoint, data, limit, seeds, out, as_json, config, overrides, print_config,
+                               steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+    if data is not None or limit is not None:
+        raise UsageError("--data and --limit go with --task edit")
 
     if split is not None:
         load_label_sets(split)  # a bad split or file fails before the model is loaded
@@ -78,3 +97,35 @@ def evaluate(
     table.add_row(figure("topk_accuracy"), figure("exact_accuracy"), f"{result['seconds']:.1f}")
     Console().print(table)
     typer.echo(f"wrote {out}/grid.png, {out}/iclevr/, {out}/results.json")
+
+
+def _evaluate_edits(checkpoint, data, limit, seeds, out, as_json, config, overrides, print_config, **options) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from clevrgen.editing import evaluate_edit_task, resolve_editor
+    from clevrgen.model import is_shipped
+    from clevrgen.output import claim_folder, strict_json
+
+    loaded = load_pipeline(resolve_editor(checkpoint), config, overrides, print_config, **options)
+    out = out or (Path(".") if is_shipped(loaded.run_dir) else loaded.run_dir) / "eval-edit"
+    claim_folder(out, "evaluation")
+    result = evaluate_edit_task(loaded, data, out, seeds, limit, progress=not as_json)
+    if as_json:
+        typer.echo(strict_json({k: v for k, v in result.items() if k != "passes"}))
+        return
+    s = loaded.config.sample
+    table = Table(title=f"edit: {result['pairs']} held-out pairs, {s.sampler} {s.steps} steps, guidance {s.guidance}, "
+                        f"image guidance {s.image_guidance}, " + (f"{seeds} seeds" if seeds > 1 else f"seed {s.seed}"))
+    for column in ("", "top-k", "exact-set", "F1", "source kept", "PSNR (dB)", "SSIM"):
+        table.add_column(column, justify="right")
+    real = result["real_pairs"]
+    table.add_row("edits", *(f"{result[k]:.4f}" for k in ("topk_accuracy", "exact_accuracy", "f1", "source_kept")),
+                  f"{result['psnr']:.1f}", f"{result['ssim']:.3f}")
+    table.add_row("real next image", *(f"{real[k]:.4f}" for k in ("topk_accuracy", "exact_accuracy", "f1", "source_kept")),
+                  f"{real['psnr']:.1f}", f"{real['ssim']:.3f}")
+    Console().print(table)
+    if result.get("iterative"):
+        steps = ", ".join(f"{f:.3f}" for f in result["iterative"]["f1_by_step"])
+        typer.echo(f"built step by step from {result['iterative']['scenes']} real first images: F1 by step {steps}")
+    typer.echo(f"wrote {out}/grid.png (source, edit, real next image), {out}/results.json")
