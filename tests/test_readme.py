@@ -3,9 +3,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_python(after: str) -> str:
-    """The README's first Python block after the text ``after``, as written."""
-    section = (ROOT / "README.md").read_text().split(after, 1)[1]
+def readme_python(after: str, page: str = "README.md") -> str:
+    """The first Python block after the text ``after`` in ``page`` (the README or a docs page), as written."""
+    section = (ROOT / page).read_text().split(after, 1)[1]
     start = section.index("```python") + len("```python")
     return section[start:section.index("```\n", start)]
 
@@ -41,8 +41,8 @@ def test_the_readme_python_section_runs(tmp_path, monkeypatch):
 
 
 def test_the_readme_diffusers_alone_lines_reproduce_the_model(tmp_path, monkeypatch):
-    """The README's denoiser call with diffusers alone, on a tiny run of cpu.toml's design (2x2
-    patches, tokens), gives what clevrgen's own model gives."""
+    """The denoiser call with diffusers alone (docs/architecture.md, linked from the README), on a
+    tiny run of cpu.toml's design (2x2 patches, tokens), gives what clevrgen's own model gives."""
     import torch
 
     from clevrgen.config import load_config
@@ -51,7 +51,7 @@ def test_the_readme_diffusers_alone_lines_reproduce_the_model(tmp_path, monkeypa
 
     from conftest import TINY, TOKENS
 
-    code = readme_python("One denoiser call with diffusers")
+    code = readme_python("One denoiser call with diffusers", "docs/architecture.md")
     cfg = load_config(None, [*TINY, *TOKENS, "model.patch_size=2", "model.resnet_time_scale_shift='scale_shift'"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
@@ -59,7 +59,7 @@ def test_the_readme_diffusers_alone_lines_reproduce_the_model(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(1)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/architecture.md", "exec"), namespace)
     with torch.no_grad():
         ours = model(namespace["x"], namespace["t"], multi_hot([["red sphere", "cyan cube"]]))
     torch.testing.assert_close(namespace["v"], ours, atol=1e-5, rtol=0)
