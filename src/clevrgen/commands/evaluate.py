@@ -45,6 +45,8 @@ def evaluate(
                                                  "pairs are edited. (default: the editor's data.path)")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="--task edit: only the first N held-out pairs "
                                                  "(and N scenes built step by step).")] = None,
+    iterative: Annotated[bool, typer.Option("--iterative/--no-iterative", help="--task edit: also build each held-out "
+                                            "scene from its real first image, one edit per object.")] = True,
     config: SampleConfigOption = None,
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
@@ -61,7 +63,7 @@ def evaluate(
     if task == "edit":
         if split is not None:
             raise UsageError("--task edit scores the held-out pairs of --data: give no --split with it")
-        return _evaluate_edits(checkpoint, data, limit, seeds, out, as_json, config, overrides, print_config,
+        return _evaluate_edits(checkpoint, data, limit, iterative, seeds, out, as_json, config, overrides, print_config,
                                steps=steps, sampler=sampler, guidance=guidance, seed=seed)
     if data is not None or limit is not None:
         raise UsageError("--data and --limit go with --task edit")
@@ -99,7 +101,8 @@ def evaluate(
     typer.echo(f"wrote {out}/grid.png, {out}/iclevr/, {out}/results.json")
 
 
-def _evaluate_edits(checkpoint, data, limit, seeds, out, as_json, config, overrides, print_config, **options) -> None:
+def _evaluate_edits(checkpoint, data, limit, iterative, seeds, out, as_json, config, overrides, print_config,
+                    **options) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -110,7 +113,7 @@ def _evaluate_edits(checkpoint, data, limit, seeds, out, as_json, config, overri
     loaded = load_pipeline(resolve_editor(checkpoint), config, overrides, print_config, **options)
     out = out or (Path(".") if is_shipped(loaded.run_dir) else loaded.run_dir) / "eval-edit"
     claim_folder(out, "evaluation")
-    result = evaluate_edit_task(loaded, data, out, seeds, limit, progress=not as_json)
+    result = evaluate_edit_task(loaded, data, out, seeds, limit, iterative, progress=not as_json)
     if as_json:
         typer.echo(strict_json({k: v for k, v in result.items() if k != "passes"}))
         return
