@@ -180,7 +180,7 @@ def test_sigterm_stops_like_ctrl_c_and_a_second_writer_is_refused(dataset, tmp_p
     from typer.testing import CliRunner
 
     from clevrgen.cli import app
-    from clevrgen.output import run_lock
+    from clevrgen.locks import run_lock
 
     run = tmp_path / "run"
     values = settings(dataset, "train.steps=100000", "train.checkpoint_every=100000")

@@ -418,7 +418,7 @@ def _problems(exc: ValidationError, origins: dict[str, str]) -> tuple[list[str],
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    from clevrgen.output import input_file
+    from clevrgen.inputs import input_file
 
     if not input_file(path).is_file():
         raise ConfigError([f"{path}: no such config file"])

@@ -25,7 +25,8 @@ from clevrgen.data.iclevr import ImageSet, to_float
 from clevrgen.errors import CheckpointError
 from clevrgen.labels import NUM_CLASSES, PHRASES, asset_path
 from clevrgen.runtime import autocast, autocast_dtype, grad_scaler, resolve_device
-from clevrgen.output import atomic_path, input_file
+from clevrgen.inputs import input_file
+from clevrgen.output import atomic_path
 
 ARCHITECTURE = "torchvision.models.resnet18(weights=None), fc=Sequential(Linear(512, 24), Sigmoid())"
 FORMAT = "clevrgen-judge"

@@ -29,7 +29,7 @@ def info(
 
     from clevrgen.data.summary import class_count_table, dataset_table, labelled_grid
 
-    from clevrgen.output import claim_file
+    from clevrgen.claims import claim_file
 
     claim_file(grid, "image", "--grid")
     data = load_iclevr(root)
@@ -63,7 +63,7 @@ def render(
     from clevrgen.data.render import random_spec, render_folder
     from clevrgen.errors import DataError, UsageError
     from clevrgen.labels import asset_path
-    from clevrgen.output import claim_folder
+    from clevrgen.claims import claim_folder
     from clevrgen.runtime import resolve_device
 
     if fmt not in ("png", "cache", "both"):

@@ -41,7 +41,7 @@ def train(
     from clevrgen.commands._options import resolve_config
     from clevrgen.errors import UsageError
 
-    from clevrgen.output import claim_file, claim_folder
+    from clevrgen.claims import claim_file, claim_folder
 
     cfg = resolve_config(config, overrides, print_config)
     root = data or cfg.data.path
@@ -145,8 +145,8 @@ def export(
     evaluator: EvaluatorOption = None,
 ) -> None:
     """Write a judge in the course format: torch.save({"model": state_dict}), fp32."""
+    from clevrgen.claims import claim_file
     from clevrgen.judge import export_course, load_judge
-    from clevrgen.output import claim_file
 
     claim_file(out, "course_judge")
     export_course(load_judge(evaluator), out)
