@@ -60,7 +60,8 @@ def render(
 ) -> None:
     """Render CLEVR scenes in the i-CLEVR layout: train.json, objects.json, scenes.json, iclevr/*.png."""
     from clevrgen.data.iclevr import read_json
-    from clevrgen.data.render import random_spec, render_folder
+    from clevrgen.data.render import random_spec
+    from clevrgen.data.rendered_folder import render_folder
     from clevrgen.errors import DataError, UsageError
     from clevrgen.labels import asset_path
     from clevrgen.claims import claim_folder
