@@ -20,7 +20,8 @@ from clevrgen.config import load_config
 from clevrgen.data.embedded import concat
 from clevrgen.data.iclevr import load_iclevr, split_scenes
 from clevrgen.data.render import render_dataset
-from clevrgen.judge import evaluate_judge, train_judge
+from clevrgen.judge import score_judge
+from clevrgen.judge_training import train_judge
 from clevrgen.labels import phrases_of
 
 
@@ -42,8 +43,8 @@ def main() -> None:
     rendered_held = render_dataset(held_spec, seed=args.copies, progress=False)
     # the best epoch is picked on renders, so the real scenes stay unseen until the score
     model, history = train_judge(rendered, rendered_held, cfg.judge)
-    on_real = evaluate_judge(model, held)
-    on_renders = evaluate_judge(model, rendered_held)
+    on_real = score_judge(model, held)
+    on_renders = score_judge(model, rendered_held)
     print(f"judge trained on {len(rendered):,} renders for {len(history)} epochs: top-k on {len(held)} held-out "
           f"real images {on_real['topk_accuracy']:.4f} (exact {on_real['exact_accuracy']:.4f}); on renders of "
           f"their label sets {on_renders['topk_accuracy']:.4f}", flush=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch.nn.functional import pixel_shuffle, pixel_unshuffle
 
-from clevrgen.config import load_config, shipped_config_names
+from clevrgen.config import load_config
+from clevrgen.config_file import shipped_config_names
 from clevrgen.data.iclevr import IMAGE_SIZE, load_iclevr, resize_images, split_scenes
 from clevrgen.judge import judge_probs, load_judge, score_predictions
 

@@ -84,7 +84,7 @@ def test_print_config(runner):
 
 @pytest.mark.parametrize("name", ["base", "base.toml", "configs/base.toml"])
 def test_shipped_configs_are_found_by_name_from_any_folder(name, tmp_path, monkeypatch):
-    from clevrgen.config import find_config
+    from clevrgen.config_file import find_config
 
     monkeypatch.chdir(tmp_path)  # no configs/ folder here
     assert find_config(name).resolve() == (CONFIGS[0].parent / "base.toml").resolve()

@@ -1,4 +1,4 @@
-"""The one-call GPU scripts (benchmarks/gpu_train.py, gpu_headline.py) run end to end on the CPU at
+"""The one-call GPU scripts (benchmarks/gpu/gpu_train.py, gpu_headline.py) run end to end on the CPU at
 toy size, from a packed dataset, and write their reports; the packed format round-trips."""
 
 import json
@@ -12,8 +12,9 @@ import torch
 
 from conftest import write_dataset
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+ROOT = Path(__file__).resolve().parents[1]
+GPU = ROOT / "benchmarks" / "gpu"
+sys.path.insert(0, str(GPU))
 
 
 @pytest.fixture
@@ -43,8 +44,8 @@ def test_pack_round_trip_keeps_names_labels_and_pixels(packed, tmp_path):
 
 
 def run(script: str, packed: Path, out: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(BENCH / script), "--data", str(packed), "--toy", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
+    done = subprocess.run([sys.executable, str(GPU / script), "--data", str(packed), "--toy", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 

@@ -180,7 +180,7 @@ def test_sigterm_stops_like_ctrl_c_and_a_second_writer_is_refused(dataset, tmp_p
     from typer.testing import CliRunner
 
     from clevrgen.cli import app
-    from clevrgen.output import run_lock
+    from clevrgen.locks import run_lock
 
     run = tmp_path / "run"
     values = settings(dataset, "train.steps=100000", "train.checkpoint_every=100000")
@@ -254,13 +254,14 @@ def _tensors(tree):
 def test_a_render_stops_cleanly_on_sigterm_and_resumes(tmp_path, monkeypatch):
     """SIGTERM during `data render`: the batch in hand is written and journalled, the render
     stops with exit 143, and the next run renders only the rest, to the same images."""
-    from clevrgen.data import render as R
+    from clevrgen.data import rendered_folder as F
     from clevrgen.data.iclevr import load_iclevr as read
+    from clevrgen.data.render import random_spec
     from clevrgen.errors import Interrupted
 
-    spec = R.random_spec(6, (1, 2), seed=0)
-    R.render_folder(tmp_path / "straight", spec, seed=1, progress=False)
-    real = R.iter_render
+    spec = random_spec(6, (1, 2), seed=0)
+    F.render_folder(tmp_path / "straight", spec, seed=1, progress=False)
+    real = F.iter_render
 
     def small_batches_then_sigterm(*args, **kwargs):
         for i, batch in enumerate(real(*args, **{**kwargs, "batch_size": 2})):
@@ -268,15 +269,15 @@ def test_a_render_stops_cleanly_on_sigterm_and_resumes(tmp_path, monkeypatch):
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
 
-    monkeypatch.setattr(R, "iter_render", small_batches_then_sigterm)
+    monkeypatch.setattr(F, "iter_render", small_batches_then_sigterm)
     with pytest.raises(Interrupted, match=rf"render stopped by SIGTERM after \d+ of {len(spec)} images; the finished "
                                           "images are kept: run the same command again") as stopped:
-        R.render_folder(tmp_path / "run", spec, seed=1, progress=False)
+        F.render_folder(tmp_path / "run", spec, seed=1, progress=False)
     assert stopped.value.exit_code == 143
     done = int(str(stopped.value).split(" after ")[1].split()[0])
     assert 0 < done < len(spec) and len(list((tmp_path / "run" / "iclevr").glob("*.png"))) == done
-    monkeypatch.setattr(R, "iter_render", real)
-    assert R.render_folder(tmp_path / "run", spec, seed=1, progress=False) == {"rendered": len(spec) - done,
+    monkeypatch.setattr(F, "iter_render", real)
+    assert F.render_folder(tmp_path / "run", spec, seed=1, progress=False) == {"rendered": len(spec) - done,
                                                                                  "kept": done}
     a, b = (read(tmp_path / name, progress=False) for name in ("straight", "run"))
     assert a.names == b.names and torch.equal(a.images, b.images)

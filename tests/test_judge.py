@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 from clevrgen.config import JudgeConfig
 from clevrgen.errors import CheckpointError
 from clevrgen.judge import (
-    augment, build_judge, exact_accuracy, export_course, judge_probs, load_judge, read_metadata,
-    save_judge, score_predictions, topk_accuracy,
+    build_judge, exact_accuracy, export_course, judge_probs, load_judge, read_metadata, save_judge, score_predictions,
+    topk_accuracy,
 )
+from clevrgen.judge_training import augment
 from clevrgen.labels import CLASS_INDEX, PHRASES
 
 
@@ -268,7 +269,7 @@ def test_evaluator_score_refuses_bad_checkpoint(tmp_path, cli):
 
 
 def test_lr_schedule_shape():
-    from clevrgen.judge import lr_factor
+    from clevrgen.judge_training import lr_factor
 
     assert lr_factor(0.0) == pytest.approx(0.04)
     assert lr_factor(0.1) == pytest.approx(1.0)
@@ -284,7 +285,7 @@ def test_shipped_judge_config_validates():
 
 
 def test_weight_average_follows_the_model():
-    from clevrgen.judge import _update_average
+    from clevrgen.judge_training import _update_average
 
     model, average = build_judge(), build_judge()
     before = average.fc[0].weight.clone()
@@ -297,7 +298,7 @@ def test_weight_average_follows_the_model():
 
 def test_batchnorm_statistics_are_measured_afresh():
     from clevrgen.data.iclevr import ImageSet
-    from clevrgen.judge import _refresh_batchnorm
+    from clevrgen.judge_training import _refresh_batchnorm
 
     model = build_judge()
     model.bn1.running_mean.fill_(5.0)

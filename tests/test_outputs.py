@@ -13,7 +13,8 @@ import pytest
 from clevrgen.config import load_config
 from clevrgen.errors import UsageError
 from clevrgen.model import build_model, save_artifact
-from clevrgen.output import claim_folder, folder_kind, output_file
+from clevrgen.claims import claim_folder, folder_kind
+from clevrgen.output import output_file
 
 from conftest import TINY, write_dataset
 from test_reliability import expect
@@ -236,7 +237,7 @@ def test_a_commands_own_unfinished_output_is_its_own_to_start_over(tmp_path):
     output is whole is theirs to rerun (with a warning that says it starts over), and no one else's."""
     import warnings
 
-    from clevrgen.output import LOCK_FILE
+    from clevrgen.filenames import LOCK_FILE
 
     full = "".join(f"[{s}]\n" for s in ("data", "model", "diffusion", "train", "sample", "evaluate", "judge"))
 
@@ -282,7 +283,8 @@ def test_a_stopped_export_is_finished_by_the_same_command(runner, tmp_path, mode
 def test_a_file_outputs_own_dangling_link_is_still_followed(tmp_path):
     """Only folders through a broken link are refused: a file output that is a link to a file not
     yet written writes that file, as any symlink output does."""
-    from clevrgen.output import atomic_write_text, check_writable
+    from clevrgen.claims import check_writable
+    from clevrgen.output import atomic_write_text
 
     link = tmp_path / "f.png"
     link.symlink_to(tmp_path / "target.png")

@@ -683,7 +683,7 @@ def test_a_special_file_is_never_opened_for_reading(tmp_path):
     assert f"cannot read {image}: it is a FIFO, not a regular file" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     from clevrgen.errors import ClevrgenError
-    from clevrgen.output import input_file
+    from clevrgen.inputs import input_file
 
     for reader in (lambda: load_config(image), lambda: __import__("clevrgen.labels").labels.load_label_sets(str(image))):
         with pytest.raises(ClevrgenError, match="it is a FIFO"):

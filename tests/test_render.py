@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from clevrgen.cli import app
 from clevrgen.data import render as R
 from clevrgen.data.iclevr import load_iclevr
+from clevrgen.data.rendered_folder import render_folder
 from clevrgen.errors import DataError
 from clevrgen.labels import CLASS_INDEX, multi_hot
 
@@ -78,33 +79,33 @@ def test_sequences_share_the_earlier_objects(rendered):
 
 def test_written_folder_reads_back(tmp_path, rendered, monkeypatch):
     monkeypatch.setenv("CLEVRGEN_CACHE", str(tmp_path / "cache"))
-    counts = R.render_folder(tmp_path / "out", SPEC, seed=3, progress=False)
+    counts = render_folder(tmp_path / "out", SPEC, seed=3, progress=False)
     assert counts == {"rendered": 4, "kept": 0}
     data = load_iclevr(tmp_path / "out", progress=False)
     assert data.names == list(SPEC) and torch.equal(data.images, rendered.images)
     scenes = json.loads((tmp_path / "out" / "scenes.json").read_text())
     assert [f["phrase"] for f in scenes["CLEVR_train_000001_1.png"]] == SPEC["CLEVR_train_000001_1.png"]
-    again = R.render_folder(tmp_path / "out", SPEC, seed=3, progress=False)  # resumes: nothing to do
+    again = render_folder(tmp_path / "out", SPEC, seed=3, progress=False)  # resumes: nothing to do
     assert again == {"rendered": 0, "kept": 4}
     # a run killed midway: its journal holds what was written, one PNG of a sequence is missing
     out = tmp_path / "out"
     (out / "scenes.jsonl").write_text(json.dumps(scenes) + "\n")
     (out / "scenes.json").unlink()
     (out / "iclevr" / "CLEVR_train_000001_2.png").unlink()
-    resumed = R.render_folder(out, SPEC, seed=3, progress=False)
+    resumed = render_folder(out, SPEC, seed=3, progress=False)
     assert resumed == {"rendered": 3, "kept": 1}  # the whole sequence, so it stays one scene
     assert torch.equal(load_iclevr(out, progress=False).images, rendered.images)
     assert json.loads((out / "scenes.json").read_text()) == scenes and not (out / "scenes.jsonl").exists()
     # resuming with another seed would mix two renders: refused, and nothing is lost
     with pytest.raises(DataError, match="another render"):
-        R.render_folder(out, SPEC, seed=4, progress=False)
+        render_folder(out, SPEC, seed=4, progress=False)
     assert json.loads((out / "train.json").read_text()) == SPEC
     assert torch.equal(load_iclevr(out, progress=False).images, rendered.images)
 
 
 def test_cache_only_folder_reads_back_without_pngs(tmp_path, rendered, monkeypatch):
     monkeypatch.setenv("CLEVRGEN_CACHE", str(tmp_path / "cache"))
-    R.render_folder(tmp_path / "out", SPEC, seed=3, fmt="cache", progress=False)
+    render_folder(tmp_path / "out", SPEC, seed=3, fmt="cache", progress=False)
     assert not (tmp_path / "out" / "iclevr").exists()
     data = load_iclevr(tmp_path / "out", progress=False)
     assert torch.equal(data.images, rendered.images)

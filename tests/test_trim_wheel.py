@@ -1,4 +1,4 @@
-"""benchmarks/trim_wheel.py drops the right members of a (fake) diffusers wheel, writes a RECORD
+"""scripts/trim_wheel.py drops the right members of a (fake) diffusers wheel, writes a RECORD
 that matches the kept bytes, and pip installs the result."""
 
 import csv
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
 
 INFO = "diffusers-0.42.1.dist-info"
 FILES = {
@@ -117,6 +117,6 @@ def test_a_bad_wheel_is_one_error_line(tmp_path, content):
     path = tmp_path / "diffusers-0.42.1-py3-none-any.whl"
     if content is not None:
         path.write_bytes(content)
-    done = subprocess.run([sys.executable, str(BENCH / "trim_wheel.py"), str(path)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "trim_wheel.py"), str(path)], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
     assert main([str(path)]) == 1

@@ -17,7 +17,8 @@ from clevrgen import __version__
 from clevrgen.commands import data, demo, denoise_strip, edit, evaluate, evaluator, export, sample, train
 from clevrgen.errors import ClevrgenError, ClevrgenWarning
 from clevrgen.runtime import StopSignal, sigterm_raises
-from clevrgen.output import DISK_ERRNOS, name_too_long
+from clevrgen.claims import name_too_long
+from clevrgen.output import DISK_ERRNOS
 
 err_console = Console(stderr=True)
 

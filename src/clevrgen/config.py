@@ -1,23 +1,20 @@
-"""The run configuration: pydantic models (the one home of every default), TOML and overrides.
+"""The run configuration: pydantic models, the one home of every default and every range.
 
-A config is built in one step: the TOML file's table, with each ``--set dotted.key=value``
-merged in, validated once by :meth:`Config.model_validate`. Unknown keys are errors.
+A config is built in one step (:func:`load_config`): the TOML file's table, with each ``--set
+dotted.key=value`` merged in (:mod:`clevrgen.config_file`), validated once by
+:meth:`Config.model_validate`. Unknown keys are errors.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from clevrgen.config_file import find_config, merge_overrides, override_origins, problem_lines, read_toml
+from clevrgen.config_file import to_toml  # noqa: F401  (writing a config is part of its public face)
 from clevrgen.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def _object_range(value: tuple[int, int]) -> tuple[int, int]:
@@ -340,7 +337,7 @@ def validate_pipeline_index(text: str) -> list[str]:
     try:
         PipelineIndex.model_validate_json(text)
     except ValidationError as exc:
-        return [line.removeprefix("config: ") for line in _problems(exc, {})[0]]
+        return [line.removeprefix("config: ") for line in problem_lines(exc, {})[0]]
     return []
 
 
@@ -351,102 +348,8 @@ def validate_training_record(record: Any) -> list[str]:
     try:
         TrainingRecord.model_validate(record)
     except ValidationError as exc:
-        return _problems(exc, {})[0]
+        return problem_lines(exc, {})[0]
     return []
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=2e-4`` -> (["train", "lr"], 2e-4); the value is a TOML literal (bare words
-    are taken as strings)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError([f"{text}: expected section.key=value"], source="override")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.split("."), value
-
-
-def _merge_table(node: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``node[key] = value``, but a table given for a table merges into it, key by key: ``--set
-    'train={steps=2}'`` changes train.steps and keeps every other [train] value of the file."""
-    if isinstance(value, dict) and isinstance(node.get(key), dict):
-        for k, v in value.items():
-            _merge_table(node[key], k, v)
-    else:
-        node[key] = value
-
-
-def merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError([f"{'.'.join(path)}: {part} is not a section"], source="override")
-            node = child
-        _merge_table(node, path[-1], value)
-    return raw
-
-
-def override_origins(overrides: list[str]) -> dict[str, str]:
-    """Which ``--set`` gave each dotted key, for messages that blame the right thing."""
-    return {".".join(parse_override(text)[0]): f"--set {text}" for text in overrides}
-
-
-def _problems(exc: ValidationError, origins: dict[str, str]) -> tuple[list[str], bool]:
-    """One line per problem, each named by where its value came from (an option, a ``--set``, or
-    the config's dotted path); and whether any came from the config file itself."""
-    lines, from_file = [], False
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif err["type"] == "finite_number":
-            value = err.get("input")
-            message = ("must be a number (got nan)" if isinstance(value, float) and value != value
-                       else f"must be finite (got {value})")
-        origin = next((o for key, o in origins.items()
-                       if where == key or where.startswith(key + ".") or key.startswith(where + ".")), None)
-        from_file = from_file or origin is None
-        lines.append(f"{where}: {message}" + (f" (given by {origin})" if origin else ""))
-    return lines, from_file
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    from clevrgen.output import input_file
-
-    if not input_file(path).is_file():
-        raise ConfigError([f"{path}: no such config file"])
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
-
-
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def shipped_config_names() -> list[str]:
-    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.toml"))
-
-
-def find_config(path: Path | str) -> Path:
-    """A config file: ``path`` itself when it exists, else the shipped config of that name
-    (``base``, ``base.toml`` or ``configs/base.toml`` from any folder)."""
-    path = Path(path)
-    if path.exists():
-        return path
-    name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
-    shipped = SHIPPED_CONFIGS / name
-    if shipped.is_file() and (path.parent == Path(".") or path.parent.name == "configs"):
-        return shipped
-    raise ConfigError([f"{path}: no such config file; the shipped configs are {', '.join(shipped_config_names())} "
-                       "(give one by name, e.g. --config base)"])
 
 
 def validate_config(raw: dict[str, Any], source: str | None = None, origins: dict[str, str] | None = None) -> Config:
@@ -455,7 +358,7 @@ def validate_config(raw: dict[str, Any], source: str | None = None, origins: dic
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        problems, from_file = _problems(exc, origins or {})
+        problems, from_file = problem_lines(exc, origins or {})
         raise ConfigError(problems, source=source if from_file else None, what="config" if from_file else "value") from None
 
 
@@ -465,24 +368,3 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     raw = read_toml(path) if path is not None else {}
     overrides = list(overrides or [])
     return validate_config(merge_overrides(raw, overrides), source=str(path or ""), origins=override_origins(overrides))
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
-def to_toml(config: Config) -> str:
-    """The resolved config as TOML (None values are left out: they are the defaults)."""
-    out = []
-    for section, values in config.model_dump(mode="json").items():
-        out.append(f"[{section}]")
-        out += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
-        out.append("")
-    return "\n".join(out)

@@ -13,7 +13,8 @@ import torch
 from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
 from clevrgen.model import describe_model
 from clevrgen.pipeline import LoadedRun
-from clevrgen.output import PASSES_DIR, atomic_path, atomic_write_bytes, atomic_write_text, strict_json
+from clevrgen.filenames import PASSES_DIR
+from clevrgen.output import atomic_path, atomic_write_bytes, atomic_write_text, strict_json
 
 
 def write_image_folder(out: Path, images: torch.Tensor, scenes: list[list[str]]) -> None:

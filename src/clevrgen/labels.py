@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clevrgen.errors import DataError, PhraseError
-from clevrgen.output import input_file
+from clevrgen.inputs import input_file
 
 if TYPE_CHECKING:
     import torch

@@ -21,16 +21,12 @@ from torch import nn
 
 from clevrgen.config import Config, ModelConfig, SampleConfig, load_config, to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
+from clevrgen.filenames import (CONFIG_FILE, DATA_FILE, LABEL_ENCODER_DIR, LABEL_PROJ_FILE, MODEL_INDEX, SCHEDULER_DIR,
+                                STUB_MODULE, UNET_DIR)
+from clevrgen.inputs import input_file
 from clevrgen.labels import COLORS, NUM_CLASSES, SHAPES
-from clevrgen.output import atomic_write_text, folder_lock, input_file
-
-UNET_DIR = "unet"
-LABEL_ENCODER_DIR = "label_encoder"
-LABEL_PROJ_FILE = "label_proj.safetensors"
-"""How runs written before the label encoder kept its one linear layer (still read)."""
-SCHEDULER_DIR = "scheduler"
-CONFIG_FILE = "config.toml"
-DATA_FILE = "training_data.json"
+from clevrgen.locks import folder_lock
+from clevrgen.output import atomic_write_text
 
 
 class LabelEncoder(ModelMixin, ConfigMixin):
@@ -265,12 +261,8 @@ def _settled_dir(target: Path) -> Path:
     return _old_dir(target) if not target.exists() and _old_dir(target).is_dir() else target
 
 
-MODEL_INDEX = "model_index.json"
 PIPELINE_DEFAULTS = ("num_inference_steps", "guidance_scale", "precision", "max_objects", "image_guidance_scale")
 """The settings a ClevrgenPipeline keeps in model_index.json beside its components."""
-STUB_MODULE = "pipeline_clevrgen"
-"""A one-line module in every artifact, named by ``model_index.json``'s ``_class_name``, through
-which diffusers' own ``DiffusionPipeline.from_pretrained`` finds ``clevrgen.ClevrgenPipeline``."""
 STUB = ('"""Lets diffusers\' DiffusionPipeline.from_pretrained load this folder (clevrgen must be installed)."""\n'
         "from clevrgen.pipeline import ClevrgenPipeline  # noqa: F401\n")
 

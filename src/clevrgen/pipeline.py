@@ -27,7 +27,7 @@ from clevrgen.diffusion import sampling_scheduler
 from clevrgen.errors import UsageError, warn
 from clevrgen.labels import NUM_CLASSES, multi_hot
 from clevrgen.model import LabelConditionedUNet, LabelEncoder, load_artifact, resolve_checkpoint, training_data_of
-from clevrgen.output import input_file
+from clevrgen.inputs import input_file
 from clevrgen.runtime import autocast, autocast_dtype
 
 Scenes = Sequence[Sequence[str]] | Sequence[str]
@@ -140,13 +140,14 @@ class ClevrgenPipeline(DiffusionPipeline):
         pipeline loaded from a clevrgen folder also keeps its ``config.toml`` and
         ``training_data.json``, so the saved folder is a clevrgen model folder too.
 
-        It follows ``clevrgen export``'s overwrite rule (:func:`clevrgen.output.claim_folder`): a
+        It follows ``clevrgen export``'s overwrite rule (:func:`clevrgen.claims.claim_folder`): a
         new or empty folder, or an earlier model folder (its config and record replaced too), and
         never a training run or a folder of other files (UsageError, before anything is written)."""
         import shutil
 
         from clevrgen.model import CONFIG_FILE, DATA_FILE, PIPELINE_DEFAULTS, write_pipeline_index
-        from clevrgen.output import claim_folder, folder_lock
+        from clevrgen.claims import claim_folder
+        from clevrgen.locks import folder_lock
 
         folder = Path(save_directory)
         source = getattr(self, "run_dir", None)

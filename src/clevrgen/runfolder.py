@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from clevrgen.errors import UsageError
-from clevrgen.output import append_jsonl, atomic_write_bytes, atomic_write_text, input_file
+from clevrgen.filenames import (  # noqa: F401  (SNAPSHOTS_DIR: the run folder's names, used by callers)
+    METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, TENSORBOARD_DIR)
+from clevrgen.inputs import input_file
+from clevrgen.output import append_jsonl, atomic_write_bytes, atomic_write_text
 
-STATE_FILE = "state.pt"
-SNAPSHOTS_DIR = "snapshots"
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_second": "train/images_per_second",
                     "val_loss": "eval/held_out_loss"}
 """metrics.jsonl keys as TensorBoard tags; the rest (judge accuracies) go under eval/."""

@@ -34,7 +34,8 @@ from clevrgen.model import (
     LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
     set_attention_kernel, training_data_of, warn_if_upsampled, widen_to_editor,
 )
-from clevrgen.output import WriteError, append_jsonl, atomic_write_text, run_lock
+from clevrgen.locks import run_lock
+from clevrgen.output import WriteError, append_jsonl, atomic_write_text
 from clevrgen.pipeline import SamplingStopped
 from clevrgen.runfolder import (  # noqa: F401  (STATE_FILE, METRICS_FILE: the run folder's names, used by callers)
     METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, RunLog, checkpoint_note, drop_metrics_after, read_state,

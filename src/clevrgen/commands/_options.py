@@ -34,7 +34,8 @@ def finish_config(raw: dict, overrides: list[str] | None, source: str, print_con
     """Merge ``--set`` overrides into ``raw``, validate once; with ``--print-config`` print and exit.
     ``options`` (dotted key -> option name) says which values a command's own options gave, so a
     bad one is blamed on the option rather than on ``source``."""
-    from clevrgen.config import merge_overrides, override_origins, validate_config
+    from clevrgen.config import validate_config
+    from clevrgen.config_file import merge_overrides, override_origins
 
     overrides = list(overrides or [])
     resolved = validate_config(merge_overrides(raw, overrides), source=source,
@@ -47,7 +48,7 @@ def finish_config(raw: dict, overrides: list[str] | None, source: str, print_con
 
 def resolve_config(config: Path | None, overrides: list[str] | None, print_config: bool) -> Config:
     """The config of ``--config`` (or the defaults) with ``--set`` overrides, validated."""
-    from clevrgen.config import find_config, read_toml
+    from clevrgen.config_file import find_config, read_toml
 
     config = find_config(config) if config is not None else None
     return finish_config(read_toml(config) if config is not None else {}, overrides, str(config or ""), print_config)
@@ -93,7 +94,7 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
     """The trained pipeline of ``checkpoint``. Its saved config supplies every default; ``--config``
     may change the ``sample`` and ``evaluate`` sections, then the command's own options
     (``sample_options``, None = unset), then ``--set``."""
-    from clevrgen.config import find_config, read_toml
+    from clevrgen.config_file import find_config, read_toml
     from clevrgen.errors import ConfigError
     from clevrgen.model import describe_model, resolve_checkpoint
     from clevrgen.pipeline import LoadedRun

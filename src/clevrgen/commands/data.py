@@ -29,7 +29,7 @@ def info(
 
     from clevrgen.data.summary import class_count_table, dataset_table, labelled_grid
 
-    from clevrgen.output import claim_file
+    from clevrgen.claims import claim_file
 
     claim_file(grid, "image", "--grid")
     data = load_iclevr(root)
@@ -60,10 +60,11 @@ def render(
 ) -> None:
     """Render CLEVR scenes in the i-CLEVR layout: train.json, objects.json, scenes.json, iclevr/*.png."""
     from clevrgen.data.iclevr import read_json
-    from clevrgen.data.render import random_spec, render_folder
+    from clevrgen.data.render import random_spec
+    from clevrgen.data.rendered_folder import render_folder
     from clevrgen.errors import DataError, UsageError
     from clevrgen.labels import asset_path
-    from clevrgen.output import claim_folder
+    from clevrgen.claims import claim_folder
     from clevrgen.runtime import resolve_device
 
     if fmt not in ("png", "cache", "both"):

@@ -44,7 +44,7 @@ def denoise_strip(
     scenes = load_label_sets(str(labels)) if labels is not None else [phrases]
     for scene in scenes:
         parse_phrases(scene)
-    from clevrgen.output import claim_file
+    from clevrgen.claims import claim_file
 
     claim_file(out, "image", "--out")
     pipeline = load_pipeline(checkpoint, config, overrides, print_config,

@@ -78,7 +78,7 @@ def evaluate(
 
     # A run keeps its evaluations; the shipped model's folder is part of the install: write here.
     out = out or (Path(".") if is_shipped(pipeline.run_dir) else pipeline.run_dir) / f"eval-{Path(split).stem}"
-    from clevrgen.output import claim_folder
+    from clevrgen.claims import claim_folder
 
     claim_folder(out, "evaluation")
     result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json, seeds=seeds)

@@ -38,10 +38,9 @@ def train(
     data: Annotated[Optional[Path], typer.Option("--data", help="An i-CLEVR layout folder; default: config data.path.")] = None,
 ) -> None:
     """Train a judge on a dataset, holding out whole scenes (data.val_fraction); saves the best epoch."""
+    from clevrgen.claims import claim_file, claim_folder
     from clevrgen.commands._options import resolve_config
     from clevrgen.errors import UsageError
-
-    from clevrgen.output import claim_file, claim_folder
 
     cfg = resolve_config(config, overrides, print_config)
     root = data or cfg.data.path
@@ -50,42 +49,11 @@ def train(
     claim_file(out, "weights")
     claim_folder(out.parent, "judge")  # config.toml and metrics.jsonl go beside the judge
 
-    import torch
+    from clevrgen.judge_training import run_judge_training
 
-    from clevrgen.config import to_toml
-    from clevrgen.data.iclevr import load_iclevr, split_scenes
-    from clevrgen.judge import save_judge, train_judge
-    from clevrgen.runtime import seed_everything
-    from clevrgen.output import append_jsonl, atomic_write_text
-
-    seed_everything(cfg.judge.seed)
-    dataset = load_iclevr(root, cache_dir=cfg.data.cache_dir)
-    train_set, val_set = split_scenes(dataset, cfg.data.val_fraction, cfg.data.split_seed)
-    rendered = ""
-    if cfg.judge.render_extra:
-        from clevrgen.data.embedded import concat, render_random
-
-        extra = render_random(cfg.judge.render_extra, cfg.judge.render_objects, seed=cfg.judge.seed)
-        train_set = concat(train_set, extra)
-        rendered = f" (with {len(extra):,} renders)"
-    typer.echo(f"{len(train_set):,} training images{rendered}, {len(val_set):,} held out "
-               f"({torch.get_num_threads()} threads)", err=True)
-    atomic_write_text(out.with_name("config.toml"), to_toml(cfg))
-    metrics = out.with_name("metrics.jsonl")
-    metrics.unlink(missing_ok=True)  # an earlier judge's record here is replaced, not continued
-    metrics.unlink(missing_ok=True)
     args = sys.argv[1:]
     args = args[args.index("train") + 1:] if "train" in args else args
-    command = shlex.join([*ctx.command_path.split(), *args])
-
-    def on_epoch(model: torch.nn.Module, record: dict, is_best: bool) -> None:
-        append_jsonl(metrics, record)
-        if is_best:
-            save_judge(model, out, {"command": command, "config": cfg.judge.model_dump(mode="json"),
-                                    "data": str(root), "heldout": record, "heldout_images": len(val_set),
-                                    "split": {"val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed}})
-
-    _, history = train_judge(train_set, val_set, cfg.judge, on_epoch=on_epoch)
+    history = run_judge_training(cfg, root, out, shlex.join([*ctx.command_path.split(), *args]))
     typer.echo(f"wrote {out} ({len(history)} epochs)")
 
 
@@ -145,8 +113,8 @@ def export(
     evaluator: EvaluatorOption = None,
 ) -> None:
     """Write a judge in the course format: torch.save({"model": state_dict}), fp32."""
+    from clevrgen.claims import claim_file
     from clevrgen.judge import export_course, load_judge
-    from clevrgen.output import claim_file
 
     claim_file(out, "course_judge")
     export_course(load_judge(evaluator), out)

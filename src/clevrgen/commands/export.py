@@ -31,7 +31,7 @@ def export(
     from clevrgen.commands._options import resolve_run_config
     from clevrgen.errors import UsageError
     from clevrgen.model import export_artifact, resolve_checkpoint
-    from clevrgen.output import check_writable, claim_folder
+    from clevrgen.claims import check_writable, claim_folder
     from clevrgen.pipeline import check_sample_steps
     from clevrgen.report import with_stage
 

@@ -39,7 +39,7 @@ def sample(
 ) -> None:
     from clevrgen.evaluation import write_grid
     from clevrgen.labels import parse_phrases
-    from clevrgen.output import claim_file
+    from clevrgen.claims import claim_file
 
     parse_phrases(phrases)  # fail on a bad phrase or an unwritable path before loading anything
     claim_file(out, "image", "--out")

@@ -52,7 +52,8 @@ def train(
         stem = config.stem if config is not None else "run"
         run_dir = out or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     from clevrgen.runtime import is_rank_zero, resolve_device
-    from clevrgen.output import check_writable, claim_folder, run_lock
+    from clevrgen.claims import check_writable, claim_folder
+    from clevrgen.locks import run_lock
 
     # an unwritable or occupied --out, or a missing GPU, fails before any work
     claim_folder(run_dir, "run") if resume is None else check_writable(run_dir, folder=True)

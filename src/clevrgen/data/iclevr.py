@@ -21,7 +21,8 @@ import torch
 from clevrgen.errors import DataError
 from clevrgen.labels import CLASS_INDEX, NUM_CLASSES, normalize_phrase
 from clevrgen.runtime import user_cache_dir
-from clevrgen.output import atomic_path, input_file
+from clevrgen.inputs import input_file
+from clevrgen.output import atomic_path
 
 IMAGE_SIZE = 64
 CACHE_VERSION = 1

@@ -3,7 +3,7 @@
 Scenes follow CLEVR's generator as i-CLEVR used it (see ``shared/clevr_reference/README.md``):
 a fixed camera on a 4:3 frame squashed to 64x64, three jittered area lamps and a sun, a matte
 floor that curves up into a backdrop, matte objects. Light powers, backdrop and object colors
-are fitted to the real images (``benchmarks/render_calibrate.py``, ``docs/renderer.md``).
+are fitted to the real images (``docs/renderer.md``).
 
 Speed comes from doing per-pixel work only where it matters. The floor and its soft shadows are
 smooth, so they are shaded at half the output resolution, the shadows only inside each object's

@@ -12,8 +12,8 @@ A file is dropped only at subpackage level: diffusers imports every model family
 transformers), so the transformer and autoencoder families stay; dropping them would mean
 editing diffusers' source.
 
-    python benchmarks/trim_wheel.py .whl/diffusers-0.42.1-py3-none-any.whl          # in place
-    python benchmarks/trim_wheel.py WHEEL --out DIR --check                          # + verify
+    python scripts/trim_wheel.py .whl/diffusers-0.42.1-py3-none-any.whl          # in place
+    python scripts/trim_wheel.py WHEEL --out DIR --check                          # + verify
 
 ``--check`` installs the trimmed wheel with pip into a temporary ``--target`` folder and runs, in
 a fresh process with that folder first on the path, what clevrgen does with diffusers (tiny
@@ -139,7 +139,7 @@ def trim_wheel(src: Path, out_dir: Path, drop: tuple[str, ...] = DROP, keep: tup
                     zout.writestr(_copy_info(info), data)
                     rows.append((info.filename, record_hash(data), str(len(data))))
                 # Only the rules, so that trimming a trimmed wheel again gives the same wheel.
-                note = (f"Trimmed by clevrgen's benchmarks/trim_wheel.py for the GPU machine.\n"
+                note = (f"Trimmed by clevrgen's scripts/trim_wheel.py for the GPU machine.\n"
                         f"Dropped: {', '.join(drop)}\nKept anyway: {', '.join(keep)}\n")
                 zout.writestr(_copy_info(zin.getinfo(record), marker), note.encode())
                 rows.append((marker, record_hash(note.encode()), str(len(note.encode()))))

@@ -1,8 +1,8 @@
 """Issue 14 in one device call: train on the real images at true 64x64 for a wall-clock budget,
 evaluate, and bring back the model and a report.
 
-    python benchmarks/gpu_train.py --data .carry/iclevr.npz --minutes 6            # on the H200
-    python benchmarks/gpu_train.py --data .carry/iclevr.npz --toy --out out/toy     # CPU, seconds
+    python benchmarks/gpu/gpu_train.py --data .carry/iclevr.npz --minutes 6            # on the H200
+    python benchmarks/gpu/gpu_train.py --data .carry/iclevr.npz --toy --out out/toy     # CPU, seconds
 
 (a) trains configs/gpu.toml (bf16, channels-last, torch.compile, data resident on the device)
     for ``--minutes`` of wall-clock time, compile included, and scores samples for test and

@@ -1,7 +1,7 @@
 """Issue 15 in one device call: the headline speed figures, each beside its target.
 
-    python benchmarks/gpu_headline.py --data .carry/iclevr.npz                      # on the H200
-    python benchmarks/gpu_headline.py --data .carry/iclevr.npz --toy --out out/toy   # CPU, seconds
+    python benchmarks/gpu/gpu_headline.py --data .carry/iclevr.npz                      # on the H200
+    python benchmarks/gpu/gpu_headline.py --data .carry/iclevr.npz --toy --out out/toy   # CPU, seconds
 
 1. Training throughput of clevrgen's Trainer (configs/gpu.toml: bf16, channels-last, compile,
    data on the device) against a reference loop written the way the course trains the same

@@ -1,6 +1,6 @@
 """Pack an i-CLEVR folder into one small file that travels to the GPU machine, and unpack it.
 
-    python benchmarks/pack_images.py [--data ../shared/iclevr] [--out .carry/iclevr.npz] [--codec avif444 --quality 88]
+    python benchmarks/gpu/pack_images.py [--data ../shared/iclevr] [--out .carry/iclevr.npz] [--codec avif444 --quality 88]
 
 The GPU machine cannot see ../shared, and what travels with the working tree is capped at
 64 MiB: the 18,009 images as a lossless xz'd uint8 array are ~41 MiB, too much beside the
