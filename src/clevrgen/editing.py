@@ -47,7 +47,7 @@ def read_scene(path: Path) -> torch.Tensor:
     naming it."""
     from PIL import Image, UnidentifiedImageError
 
-    from clevrgen.output import input_file
+    from clevrgen.inputs import input_file
 
     input_file(path)
     if not Path(path).is_file():

@@ -42,7 +42,7 @@ def edit(
     from clevrgen.editing import check_addition, resolve_editor
     from clevrgen.errors import UsageError
     from clevrgen.labels import parse_phrases
-    from clevrgen.output import claim_file
+    from clevrgen.claims import claim_file
 
     items = list(items or [])
     if sequence:

@@ -108,7 +108,8 @@ def _evaluate_edits(checkpoint, data, limit, iterative, seeds, out, as_json, con
 
     from clevrgen.editing import evaluate_edit_task, resolve_editor
     from clevrgen.model import is_shipped
-    from clevrgen.output import claim_folder, strict_json
+    from clevrgen.claims import claim_folder
+    from clevrgen.output import strict_json
 
     loaded = load_pipeline(resolve_editor(checkpoint), config, overrides, print_config, **options)
     out = out or (Path(".") if is_shipped(loaded.run_dir) else loaded.run_dir) / "eval-edit"
