@@ -86,8 +86,8 @@ def judge_floor(judge, judge_path: Path | None, data: Path) -> dict[str, Any]:
 
 
 def load_generator(checkpoint: Path | None, steps: int | None, sampler: str | None, guidance: float | None):
+    from clevrgen.artifact import resolve_checkpoint
     from clevrgen.config import Config
-    from clevrgen.model import resolve_checkpoint
     from clevrgen.pipeline import LoadedRun
 
     pipeline = LoadedRun.load(resolve_checkpoint(checkpoint))

@@ -36,12 +36,12 @@ from gpu_common import (  # noqa: E402
 )
 from pack_images import load_images  # noqa: E402
 
+from clevrgen.artifact import save_artifact  # noqa: E402
 from clevrgen.config import load_config  # noqa: E402
 from clevrgen.diffusion import sampling_scheduler  # noqa: E402
 from clevrgen.pipeline import generate  # noqa: E402
 from clevrgen.judge import judge_probs, load_judge, score_predictions  # noqa: E402
 from clevrgen.labels import load_label_sets, multi_hot  # noqa: E402
-from clevrgen.model import save_artifact  # noqa: E402
 from clevrgen.train import Trainer  # noqa: E402
 
 SPLITS = ("test", "new_test")

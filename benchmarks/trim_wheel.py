@@ -177,10 +177,11 @@ def workload() -> None:
     assert importlib.util.find_spec("diffusers.pipelines.stable_diffusion") is None, "a dropped subpackage imports"
     from diffusers.training_utils import EMAModel
 
+    from clevrgen.artifact import load_artifact, save_artifact
     from clevrgen.config import load_config
     from clevrgen.diffusion import SCHEDULER_CLASSES, sampling_scheduler
     from clevrgen.pipeline import sample
-    from clevrgen.model import build_model, load_artifact, save_artifact
+    from clevrgen.model import build_model
 
     cfg = load_config(None, ["model.block_out_channels=[8, 16, 16]", "model.layers_per_block=1",
                              "model.attention=[false, false, true]", "model.norm_num_groups=4",

@@ -7,11 +7,12 @@ import sys
 import pytest
 import torch
 
+from clevrgen.artifact import save_artifact
 from clevrgen.cli import app
 from clevrgen.config import load_config
 from clevrgen.demo import draw, page_scene, page_settings
 from clevrgen.errors import ConfigError, PhraseError, UsageError
-from clevrgen.model import build_model, save_artifact
+from clevrgen.model import build_model
 from clevrgen.pipeline import LoadedRun
 
 from conftest import TINY

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from clevrgen.artifact import load_artifact
 from clevrgen.cli import app
 from clevrgen.config import load_config
 from clevrgen.errors import ConfigError
@@ -14,7 +15,7 @@ from clevrgen.data.iclevr import load_iclevr
 from clevrgen.diffusion import sampling_scheduler
 from clevrgen.pipeline import sample
 from clevrgen.labels import multi_hot
-from clevrgen.model import build_model, load_artifact
+from clevrgen.model import build_model
 from clevrgen.train import Trainer, train
 
 from conftest import TINY
@@ -353,7 +354,7 @@ def test_the_gpu_config_checkpoints_on_a_clock_a_user_would_pick():
 def test_an_export_adds_its_run_to_the_models_chain_of_stages(tmp_path, dataset, runner):
     """A relay stage starts from a model and its export carries the whole chain (training_data.json's
     ``stages``): what each stage started from, its steps, images, lr plan, machine and minutes."""
-    from clevrgen.report import chain_curve
+    from clevrgen.record import chain_curve
 
     data = load_iclevr(dataset, progress=False)
     train(tiny_config("train.steps=2"), tmp_path / "first", data, progress=False)
@@ -374,7 +375,7 @@ def test_an_export_adds_its_run_to_the_models_chain_of_stages(tmp_path, dataset,
 
 
 def test_a_chain_of_stages_names_its_batch_sizes_where_they_differ():
-    from clevrgen.model import describe_chain
+    from clevrgen.record import describe_chain
 
     same = [{"steps": 12_000, "images": 384_000}, {"steps": 7_000, "images": 224_000}]
     assert describe_chain(same) == "12,000 + 7,000 steps"

@@ -85,9 +85,9 @@ def test_an_editors_dropout_shares_may_not_add_up_past_one():
 
 
 def test_a_tiny_editor_trains_from_a_generator_and_edits_through_the_pipeline(dataset, tmp_path):
+    from clevrgen.artifact import load_artifact
     from clevrgen.data.iclevr import load_iclevr
     from clevrgen.errors import UsageError
-    from clevrgen.model import load_artifact
     from clevrgen.pipeline import ClevrgenPipeline
     from clevrgen.train import train
 

@@ -7,13 +7,14 @@ import shutil
 import pytest
 import torch
 
+from clevrgen.artifact import load_artifact, save_artifact
 from clevrgen.config import load_config
 from clevrgen.diffusion import sampling_scheduler, training_scheduler
 from clevrgen.pipeline import sample
 from clevrgen.errors import CheckpointError, ConfigError
 from clevrgen.labels import multi_hot
 from clevrgen.loss import assign_noise, diffusion_loss, draw_timesteps, loss_weights, sigmas_of
-from clevrgen.model import LabelEncoder, build_model, load_artifact, save_artifact
+from clevrgen.model import LabelEncoder, build_model
 
 from conftest import TINY, TOKENS
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from clevrgen.artifact import save_artifact
 from clevrgen.config import load_config
 from clevrgen.errors import UsageError
-from clevrgen.model import build_model, save_artifact
+from clevrgen.model import build_model
 from clevrgen.output import claim_folder, folder_kind, output_file
 
 from conftest import TINY, write_dataset

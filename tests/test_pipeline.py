@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from clevrgen import ClevrgenPipeline
+from clevrgen.artifact import save_artifact
 from clevrgen.config import load_config
 from clevrgen.diffusion import sampling_scheduler
 from clevrgen.errors import PhraseError
 from clevrgen.labels import multi_hot
-from clevrgen.model import build_model, save_artifact
+from clevrgen.model import build_model
 from clevrgen.pipeline import sample
 from clevrgen.runtime import autocast
 

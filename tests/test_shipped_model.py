@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from clevrgen.artifact import SHIPPED_MODEL, export_artifact, load_artifact
 from clevrgen.cli import app
-from clevrgen.model import SHIPPED_MODEL, export_artifact, load_artifact
 
 from test_diffusion import trained_run  # noqa: F401  (fixture)
 
@@ -38,10 +38,10 @@ def test_export_command(runner, trained_run, tmp_path):  # noqa: F811
 
 def test_commands_use_the_shipped_model_by_default_and_latest_on_request(runner, trained_run, tmp_path,  # noqa: F811
                                                                            monkeypatch):
-    import clevrgen.model
+    import clevrgen.artifact
 
     export_artifact(trained_run, tmp_path / "shipped")
-    monkeypatch.setattr(clevrgen.model, "SHIPPED_MODEL", tmp_path / "shipped")
+    monkeypatch.setattr(clevrgen.artifact, "SHIPPED_MODEL", tmp_path / "shipped")
     result = runner.invoke(app, ["sample", "red sphere", "-o", "a.png", "--num", "2", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert "model: the shipped model" in result.output

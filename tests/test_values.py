@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from clevrgen.artifact import save_artifact
 from clevrgen.cli import app
 from clevrgen.config import load_config
 from clevrgen.errors import CheckpointError, ConfigError
-from clevrgen.model import build_model, save_artifact
+from clevrgen.model import build_model
 from clevrgen.output import strict_json
 
 from conftest import TINY

@@ -185,8 +185,8 @@ def build_demo(run: "LoadedRun", judge_path: Path | None = None):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
+    from clevrgen.artifact import describe_model
     from clevrgen.labels import COLORS, SHAPES
-    from clevrgen.model import describe_model
 
     s = run.config.sample
     most_steps = run.config.diffusion.num_train_timesteps  # check_sample_steps' limit

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from clevrgen.artifact import describe_model
 from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
-from clevrgen.model import describe_model
 from clevrgen.pipeline import LoadedRun
 from clevrgen.output import PASSES_DIR, atomic_path, atomic_write_bytes, atomic_write_text, strict_json
 

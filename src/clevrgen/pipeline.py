@@ -22,12 +22,13 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from clevrgen.artifact import load_artifact, read_pipeline_index, resolve_checkpoint
 from clevrgen.config import Config
 from clevrgen.diffusion import sampling_scheduler
 from clevrgen.errors import UsageError, warn
 from clevrgen.labels import NUM_CLASSES, multi_hot
-from clevrgen.model import LabelConditionedUNet, LabelEncoder, load_artifact, resolve_checkpoint, training_data_of
-from clevrgen.output import input_file
+from clevrgen.model import LabelConditionedUNet, LabelEncoder
+from clevrgen.record import training_data_of
 from clevrgen.runtime import autocast, autocast_dtype
 
 Scenes = Sequence[Sequence[str]] | Sequence[str]
@@ -92,47 +93,9 @@ class ClevrgenPipeline(DiffusionPipeline):
         if path is None or (Path(path) / "config.toml").is_file() or str(path) in ("shipped", "latest"):
             pipe, _ = cls.from_run(path)
         else:  # a folder of save_pretrained without clevrgen's config.toml
-            pipe = cls._from_index(Path(path))
+            components, defaults = read_pipeline_index(Path(path))
+            pipe = cls(**components, **defaults)
         return pipe.to(torch_dtype) if torch_dtype is not None else pipe
-
-    @classmethod
-    def _from_index(cls, folder: Path) -> "ClevrgenPipeline":
-        """Each component of ``model_index.json`` by its own ``from_pretrained``, locally (the
-        class is known here, so the stub module diffusers' loader goes through is not needed)."""
-        import importlib
-        import json
-
-        from clevrgen.config import validate_pipeline_index
-        from clevrgen.errors import CheckpointError, first_line
-        from clevrgen.model import MODEL_INDEX, PIPELINE_DEFAULTS
-
-        try:
-            text = input_file(folder / MODEL_INDEX).read_text()
-        except FileNotFoundError:
-            raise CheckpointError(f"{folder}: not a clevrgen model or pipeline folder (no config.toml or "
-                                  f"{MODEL_INDEX})") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"cannot read {folder / MODEL_INDEX}: {first_line(exc)}") from None
-        problems = validate_pipeline_index(text)
-        if problems:
-            raise CheckpointError(f"{folder / MODEL_INDEX} is not a valid pipeline index: {'; '.join(problems)}; "
-                                  "restore it, or save the pipeline again (save_pretrained)")
-        try:
-            index = json.loads(text)
-            components = {}
-            for name in ("unet", "label_encoder", "scheduler"):
-                library, class_name = index[name]
-                if library not in ("diffusers", "clevrgen"):
-                    raise ValueError(f"{name} comes from {library!r}, not diffusers or clevrgen")
-                component = getattr(importlib.import_module(library), class_name)
-                components[name] = component.from_pretrained(folder / name, local_files_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"{folder}: not a clevrgen model or pipeline folder (no config.toml or "
-                                  f"{MODEL_INDEX})") from None
-        except Exception as exc:
-            raise CheckpointError(f"cannot load the pipeline in {folder}: {first_line(exc)}") from None
-        defaults = {k: index[k] for k in PIPELINE_DEFAULTS if k in index}
-        return cls(**components, **defaults)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         """diffusers' layout (``model_index.json``, one folder per component, safetensors) plus the
@@ -145,8 +108,9 @@ class ClevrgenPipeline(DiffusionPipeline):
         never a training run or a folder of other files (UsageError, before anything is written)."""
         import shutil
 
-        from clevrgen.model import CONFIG_FILE, DATA_FILE, PIPELINE_DEFAULTS, write_pipeline_index
+        from clevrgen.artifact import CONFIG_FILE, PIPELINE_DEFAULTS, write_pipeline_index
         from clevrgen.output import claim_folder, folder_lock
+        from clevrgen.record import DATA_FILE
 
         folder = Path(save_directory)
         source = getattr(self, "run_dir", None)

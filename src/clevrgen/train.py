@@ -24,18 +24,17 @@ from pathlib import Path
 import torch
 
 from clevrgen import monitor
+from clevrgen.artifact import describe_model, load_artifact, resolve_checkpoint, save_artifact
 from clevrgen.config import Config, TrainConfig, to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import training_scheduler
 from clevrgen.ema import check_classic_resume
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
 from clevrgen.loss import diffusion_loss
-from clevrgen.model import (
-    LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
-    set_attention_kernel, training_data_of, warn_if_upsampled, widen_to_editor,
-)
+from clevrgen.model import LabelConditionedUNet, build_model, set_attention_kernel, warn_if_upsampled, widen_to_editor
 from clevrgen.output import WriteError, append_jsonl, atomic_write_text, run_lock
 from clevrgen.pipeline import SamplingStopped
+from clevrgen.record import max_objects_of, training_data_of
 from clevrgen.runfolder import (  # noqa: F401  (STATE_FILE, METRICS_FILE: the run folder's names, used by callers)
     METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, RunLog, checkpoint_note, drop_metrics_after, read_state,
     require_tensorboard, write_state,

@@ -93,9 +93,9 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
     """The trained pipeline of ``checkpoint``. Its saved config supplies every default; ``--config``
     may change the ``sample`` and ``evaluate`` sections, then the command's own options
     (``sample_options``, None = unset), then ``--set``."""
+    from clevrgen.artifact import describe_model, resolve_checkpoint
     from clevrgen.config import find_config, read_toml
     from clevrgen.errors import ConfigError
-    from clevrgen.model import describe_model, resolve_checkpoint
     from clevrgen.pipeline import LoadedRun
 
     run = resolve_checkpoint(checkpoint)
@@ -116,8 +116,8 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
 
 
 def load_config_of_run(run: Path) -> Config:
+    from clevrgen.artifact import CONFIG_FILE
     from clevrgen.errors import CheckpointError, ConfigError
-    from clevrgen.model import CONFIG_FILE
 
     path = run / CONFIG_FILE
     if not path.is_file():

@@ -53,7 +53,7 @@ def evaluate(
                              steps=steps, sampler=sampler, guidance=guidance, seed=seed)
     split = split or pipeline.config.evaluate.split
     evaluator = evaluator or pipeline.config.evaluate.evaluator
-    from clevrgen.model import is_shipped
+    from clevrgen.artifact import is_shipped
 
     # A run keeps its evaluations; the shipped model's folder is part of the install: write here.
     out = out or (Path(".") if is_shipped(pipeline.run_dir) else pipeline.run_dir) / f"eval-{Path(split).stem}"
