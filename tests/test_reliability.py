@@ -623,15 +623,15 @@ def test_sigterm_during_an_evaluation_stops_in_one_line(runner, run, tmp_path, m
     import os
     import signal
 
-    from clevrgen import pipeline
+    from clevrgen.loaded import LoadedModel
 
-    real = pipeline.LoadedRun.generate
+    real = LoadedModel.generate
 
     def generate_and_terminate(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.LoadedRun, "generate", generate_and_terminate)
+    monkeypatch.setattr(LoadedModel, "generate", generate_and_terminate)
     out = tmp_path / "eval"
     expect(runner, ["evaluate", "--checkpoint", run, "--split", "test", "--out", out, "--steps", "1"], 143,
            "stopped by SIGTERM; no file was left half-written: run the same command again")

@@ -23,6 +23,7 @@ from torch import nn
 
 from clevrgen.config import Config, ModelConfig, SampleConfig, load_config, to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
+from clevrgen.integrity import ASSETS, verify_shipped
 from clevrgen.model import LabelConditionedUNet, build_model, unet_arguments, unet_class
 from clevrgen.output import atomic_write_text, folder_lock, input_file
 from clevrgen.record import DATA_FILE, describe_chain, training_data_of, with_stage
@@ -154,6 +155,17 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
             "image_guidance_scale": config.sample.image_guidance})
 
 
+def copy_run_record(source: Path | None, folder: Path) -> None:
+    """The model folder ``source``'s ``config.toml`` and ``training_data.json`` into ``folder``;
+    one ``source`` lacks (or with no ``source``) is removed from ``folder``: an earlier model's
+    file would describe another model."""
+    for name in (CONFIG_FILE, DATA_FILE):
+        if source is not None and (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)
+
+
 def artifact_dir(path: Path) -> Path:
     """The run folder of ``path`` (a run folder, or its ``unet`` folder)."""
     path = Path(path)
@@ -208,8 +220,6 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[Label
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file, not a run folder: pass the folder that `clevrgen train --out` wrote")
     if is_shipped(run_dir):
-        from clevrgen.integrity import verify_shipped
-
         verify_shipped(run_dir)
     unet_dir = _settled_dir(run_dir / UNET_DIR)
     encoder_dir = _settled_dir(run_dir / LABEL_ENCODER_DIR)
@@ -262,7 +272,7 @@ def _check_architecture(unet_dir: Path, saved: dict, cfg: ModelConfig) -> None:
         )
 
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "model"
+SHIPPED_MODEL = ASSETS / "model"
 """The generator shipped with the package: a run folder's artifact with fp16 weights."""
 
 

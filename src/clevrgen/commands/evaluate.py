@@ -9,7 +9,7 @@ import typer
 
 from clevrgen.commands._options import (
     CheckpointOption, SampleConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
-    StepsOption, load_pipeline,
+    StepsOption, load_model,
 )
 
 HELP = "Generate every label set of a split and score the images with the judge (top-k and exact-set accuracy)."
@@ -44,23 +44,23 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from clevrgen.evaluation import evaluate_split
+    from clevrgen.evaluation import score_split
     from clevrgen.labels import load_label_sets
 
     if split is not None:
         load_label_sets(split)  # a bad split or file fails before the model is loaded
-    pipeline = load_pipeline(checkpoint, config, overrides, print_config,
-                             steps=steps, sampler=sampler, guidance=guidance, seed=seed)
-    split = split or pipeline.config.evaluate.split
-    evaluator = evaluator or pipeline.config.evaluate.evaluator
+    model = load_model(checkpoint, config, overrides, print_config,
+                       steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+    split = split or model.config.evaluate.split
+    evaluator = evaluator or model.config.evaluate.evaluator
     from clevrgen.artifact import is_shipped
 
     # A run keeps its evaluations; the shipped model's folder is part of the install: write here.
-    out = out or (Path(".") if is_shipped(pipeline.run_dir) else pipeline.run_dir) / f"eval-{Path(split).stem}"
+    out = out or (Path(".") if is_shipped(model.run_dir) else model.run_dir) / f"eval-{Path(split).stem}"
     from clevrgen.output import claim_folder
 
     claim_folder(out, "evaluation")
-    result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json, seeds=seeds)
+    result = score_split(model, split, out, evaluator, progress=not as_json, seeds=seeds)
     if as_json:
         from clevrgen.output import strict_json
 

@@ -32,7 +32,7 @@ def export(
     from clevrgen.commands._options import resolve_run_config
     from clevrgen.errors import UsageError
     from clevrgen.output import check_writable, claim_folder
-    from clevrgen.pipeline import check_sample_steps
+    from clevrgen.pipeline_inputs import check_sample_steps
     from clevrgen.record import with_stage
 
     source = resolve_checkpoint(run)
