@@ -24,8 +24,8 @@ import torch
 from clevrgen.config import load_config
 from clevrgen.data.iclevr import ImageSet
 from clevrgen.diffusion import sampling_scheduler
-from clevrgen.pipeline import sample
 from clevrgen.labels import NUM_CLASSES
+from clevrgen.pipeline import ClevrgenPipeline
 from clevrgen.train import Trainer
 
 
@@ -128,11 +128,15 @@ def main() -> None:
     s = cfg.sample
     sampling = {}
     for sampler in ("ddim", "dpm++"):
-        sched = sampling_scheduler(cfg.diffusion, sampler)
-        sample(model, sched, labels[:2], seeds[:2], 2, s.guidance, cfg.model.image_size, trainer.amp_dtype)
-        synchronize(device)
-        start = time.perf_counter()
-        sample(model, sched, labels, seeds, s.steps, s.guidance, cfg.model.image_size, trainer.amp_dtype)
+        # the training's precision, as its sample grids draw
+        pipe = ClevrgenPipeline.from_denoiser(model, sampling_scheduler(cfg.diffusion, sampler),
+                                              precision=cfg.train.precision)
+        pipe.set_progress_bar_config(disable=True)
+        for n, steps in ((2, 2), (len(seeds), s.steps)):  # a warm-up, then the measured batch
+            synchronize(device)
+            start = time.perf_counter()
+            pipe(labels=labels[:n], seed=seeds[:n], num_inference_steps=steps, guidance_scale=s.guidance,
+                 output_type="latent", batch_size=n)
         synchronize(device)
         sampling[sampler] = args.sample_batch / (time.perf_counter() - start)
 

@@ -86,17 +86,17 @@ def judge_floor(judge, judge_path: Path | None, data: Path) -> dict[str, Any]:
 
 
 def load_generator(checkpoint: Path | None, steps: int | None, sampler: str | None, guidance: float | None):
+    from clevrgen.artifact import resolve_checkpoint
     from clevrgen.config import Config
-    from clevrgen.model import resolve_checkpoint
-    from clevrgen.pipeline import LoadedRun
+    from clevrgen.loaded import LoadedModel
 
-    pipeline = LoadedRun.load(resolve_checkpoint(checkpoint))
-    sample = pipeline.config.sample.model_dump()
+    model = LoadedModel.load(resolve_checkpoint(checkpoint))
+    sample = model.config.sample.model_dump()
     sample.update({k: v for k, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance)) if v is not None})
-    raw = pipeline.config.model_dump(mode="json")
+    raw = model.config.model_dump(mode="json")
     raw["sample"] = sample
-    pipeline.config = Config.model_validate(raw)
-    return pipeline
+    model.config = Config.model_validate(raw)
+    return model
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -105,15 +105,15 @@ def spread(values: list[float]) -> dict[str, float]:
             "min": t.min().item(), "max": t.max().item()}
 
 
-def generator_on_splits(pipeline, judge, splits: list[str], runs: int, progress: bool = True) -> dict[str, Any]:
+def generator_on_splits(model, judge, splits: list[str], runs: int, progress: bool = True) -> dict[str, Any]:
     out = {}
     for split in splits:
         scenes = load_label_sets(split)
         labels = multi_hot(scenes)
         probs, topk, exact = [], [], []
         for base in generator_seed_bases(runs):
-            images = pipeline.generate(scenes, [base + i for i in range(len(scenes))], progress,
-                                       f"{split} seeds {base}+")
+            images = model.generate(scenes, [base + i for i in range(len(scenes))], progress,
+                                    f"{split} seeds {base}+")
             p = judge_probs(judge, images)
             probs.append(p)
             topk.append(topk_accuracy(p, labels))
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for split in args.splits:
             load_label_sets(split)
         judge = load_judge(args.judge, resolve_device("auto"))
-        pipeline = (load_generator(args.checkpoint, args.steps, args.sampler, args.guidance)
-                    if "generator" in args.parts else None)
+        generator = (load_generator(args.checkpoint, args.steps, args.sampler, args.guidance)
+                     if "generator" in args.parts else None)
         report: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": " ".join(["python", "benchmarks/generalization.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -241,11 +241,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["renders"] = judge_on_renders(judge, args.splits, args.renders, args.first_seed)
         if "floor" in args.parts:
             report["floor"] = judge_floor(judge, args.judge, args.data)
-        if pipeline is not None:
-            s = pipeline.config.sample
+        if generator is not None:
+            s = generator.config.sample
             report["generator"] = {
-                "checkpoint": str(pipeline.run_dir), "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
-                "splits": generator_on_splits(pipeline, judge, args.splits, args.seeds,
+                "checkpoint": str(generator.run_dir), "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
+                "splits": generator_on_splits(generator, judge, args.splits, args.seeds,
                                               progress=not args.no_progress),
             }
     except ClevrgenError as err:

@@ -20,7 +20,7 @@ import torch
 from clevrgen.config import validate_config
 from clevrgen.errors import ClevrgenError
 from clevrgen.labels import load_label_sets
-from clevrgen.pipeline import LoadedRun
+from clevrgen.loaded import LoadedModel
 from diffusion_speed import machine
 
 
@@ -34,23 +34,23 @@ def main() -> None:
     args = parser.parse_args()
     given = {k: v for k, v in vars(args).items() if k in ("steps", "guidance", "sampler", "batch_size") and v is not None}
     try:
-        pipeline = LoadedRun.load(args.checkpoint)
-        raw = pipeline.config.model_dump(mode="json")
+        model = LoadedModel.load(args.checkpoint)
+        raw = model.config.model_dump(mode="json")
         raw["sample"].update(given)  # validated as any config is: a bad value is one line, not a traceback
-        pipeline.config = validate_config(raw, origins={f"sample.{k}": f"--{k.replace('_', '-')} {v}"
-                                                        for k, v in given.items()})
+        model.config = validate_config(raw, origins={f"sample.{k}": f"--{k.replace('_', '-')} {v}"
+                                                     for k, v in given.items()})
     except ClevrgenError as exc:
         parser.exit(2, f"error: {exc}\n")
-    sample = pipeline.config.sample
+    sample = model.config.sample
     scenes = load_label_sets("test") + load_label_sets("new_test")
-    pipeline.generate(scenes[:2], [0, 1], progress=False)  # warm-up
+    model.generate(scenes[:2], [0, 1], progress=False)  # warm-up
     start = time.perf_counter()
-    images = pipeline.generate(scenes, list(range(len(scenes))), progress=False)
+    images = model.generate(scenes, list(range(len(scenes))), progress=False)
     seconds = time.perf_counter() - start
-    print(json.dumps({"checkpoint": str(pipeline.run_dir), "images": len(images), "sampler": sample.sampler,
+    print(json.dumps({"checkpoint": str(model.run_dir), "images": len(images), "sampler": sample.sampler,
                       "steps": sample.steps, "guidance": sample.guidance, "batch_size": sample.batch_size,
                       "seconds": round(seconds, 2), "images_per_second": round(len(images) / seconds, 2),
-                      "threads": torch.get_num_threads(), "device": str(pipeline.device), "machine": machine(),
+                      "threads": torch.get_num_threads(), "device": str(model.device), "machine": machine(),
                       "torch": torch.__version__}))
 
 

@@ -29,8 +29,8 @@ import argparse
 from pathlib import Path
 
 from clevrgen.config import load_config
-from clevrgen.model import training_data_of
-from clevrgen.report import accuracy_curve, chain_curve, plot_accuracy_curve, read_metrics, training_minutes
+from clevrgen.record import chain_curve, training_data_of
+from clevrgen.report import accuracy_curve, plot_accuracy_curve, read_metrics, training_minutes
 
 
 def stage(arg: str) -> tuple[Path, int | None]:

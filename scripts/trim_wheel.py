@@ -177,10 +177,11 @@ def workload() -> None:
     assert importlib.util.find_spec("diffusers.pipelines.stable_diffusion") is None, "a dropped subpackage imports"
     from diffusers.training_utils import EMAModel
 
+    from clevrgen.artifact import load_artifact, save_artifact
     from clevrgen.config import load_config
     from clevrgen.diffusion import SCHEDULER_CLASSES, sampling_scheduler
-    from clevrgen.pipeline import sample
-    from clevrgen.model import build_model, load_artifact, save_artifact
+    from clevrgen.model import build_model
+    from clevrgen.pipeline import ClevrgenPipeline
 
     cfg = load_config(None, ["model.block_out_channels=[8, 16, 16]", "model.layers_per_block=1",
                              "model.attention=[false, false, true]", "model.norm_num_groups=4",
@@ -195,8 +196,9 @@ def workload() -> None:
         save_artifact(model, cfg, Path(tmp) / "run")
         back, back_cfg = load_artifact(Path(tmp) / "run")
     for sampler in SCHEDULER_CLASSES:
-        x = sample(back, sampling_scheduler(back_cfg.diffusion, sampler), labels, [0, 1], 2, guidance=2.0,
-                   image_size=16)
+        pipe = ClevrgenPipeline.from_denoiser(back, sampling_scheduler(back_cfg.diffusion, sampler))
+        pipe.set_progress_bar_config(disable=True)
+        x = pipe(labels=labels, seed=[0, 1], num_inference_steps=2, guidance_scale=2.0, output_type="latent").images
         assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all(), sampler
     loaded = sorted(m for m in sys.modules if m.startswith("diffusers"))
     print(f"ok: diffusers {diffusers.__version__} from {where.parent}; build, save/load, "

@@ -41,6 +41,16 @@ TINY = [
 TOKENS = ["model.cross_attention=[false, true, true]", "model.token_dim=16", "model.cross_attention_head_dim=8"]
 
 
+def drawn(model, scheduler, labels, seeds, steps: int, guidance: float = 1.0) -> torch.Tensor:
+    """What a denoiser draws, in [-1, 1], image i from ``seeds[i]``: ``ClevrgenPipeline`` around it."""
+    from clevrgen.pipeline import ClevrgenPipeline
+
+    pipe = ClevrgenPipeline.from_denoiser(model, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(labels=labels, seed=list(seeds), num_inference_steps=steps, guidance_scale=guidance,
+                output_type="latent").images
+
+
 def write_dataset(root: Path, scenes: int = 4, seed: int = 0) -> Path:
     """``scenes`` growing scenes of 1-3 objects (colored squares), in the i-CLEVR layout."""
     from PIL import Image, ImageDraw

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from clevrgen.cli import app
-from clevrgen.config import Config, load_config, to_toml
+from clevrgen.config import Config, load_config
+from clevrgen.config_file import to_toml
 from clevrgen.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))

@@ -7,12 +7,13 @@ import sys
 import pytest
 import torch
 
+from clevrgen.artifact import save_artifact
 from clevrgen.cli import app
 from clevrgen.config import load_config
 from clevrgen.demo import draw, page_scene, page_settings
 from clevrgen.errors import ConfigError, PhraseError, UsageError
-from clevrgen.model import build_model, save_artifact
-from clevrgen.pipeline import LoadedRun
+from clevrgen.loaded import LoadedModel
+from clevrgen.model import build_model
 
 from conftest import TINY
 
@@ -24,7 +25,7 @@ def tiny_run(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("demo") / "run"
     save_artifact(build_model(cfg.model).eval(), cfg, folder, {"max_objects": 3})
-    return LoadedRun.load(folder)
+    return LoadedModel.load(folder)
 
 
 def test_the_page_checks_a_scene_as_the_cli_does():
@@ -56,9 +57,9 @@ def test_draw_is_sample_and_its_strip_is_denoise_strips(tiny_run):
     s = page_settings(tiny_run, num=3, seed=4, steps=4)
     drawn = draw(tiny_run, ["red sphere", "cyan cube"], s, frames=5)
     assert drawn.images.shape == (3, 3, 64, 64) and drawn.images.dtype == torch.uint8 and not drawn.warnings
-    run = LoadedRun(tiny_run.pipe, tiny_run.config.model_copy(update={"sample": s}), tiny_run.run_dir)
-    same = run.generate([["red sphere", "cyan cube"]] * 3, [4, 5, 6], progress=False)
-    strip = run.trajectory([["red sphere", "cyan cube"]], [4], 5)[0]
+    model = LoadedModel(tiny_run.pipe, tiny_run.config.model_copy(update={"sample": s}), tiny_run.run_dir)
+    same = model.generate([["red sphere", "cyan cube"]] * 3, [4, 5, 6], progress=False)
+    strip = model.trajectory([["red sphere", "cyan cube"]], [4], 5)[0]
     # the same images up to the float rounding of another batch shape (uint8: at most 1 apart)
     assert (drawn.images.int() - same.int()).abs().max() <= 1
     assert drawn.strip.shape == strip.shape == (5, 3, 64, 64)

@@ -7,17 +7,17 @@ import warnings
 import pytest
 import torch
 
+from clevrgen.artifact import load_artifact
 from clevrgen.cli import app
 from clevrgen.config import load_config
 from clevrgen.errors import ConfigError
 from clevrgen.data.iclevr import load_iclevr
 from clevrgen.diffusion import sampling_scheduler
-from clevrgen.pipeline import sample
 from clevrgen.labels import multi_hot
-from clevrgen.model import build_model, load_artifact
+from clevrgen.model import build_model
 from clevrgen.train import Trainer, train
 
-from conftest import TINY
+from conftest import TINY, drawn
 
 
 def tiny_config(*extra):
@@ -59,20 +59,29 @@ def test_samples_do_not_depend_on_the_batch(sampler):
     model = build_model(cfg.model).eval()
     labels = multi_hot([["red sphere"], ["cyan cube", "gray cylinder"], ["blue cube"]])
     sched = sampling_scheduler(cfg.diffusion, sampler)
-    together = sample(model, sched, labels, [7, 8, 9], steps=3, guidance=2.0)
-    alone = sample(model, sampling_scheduler(cfg.diffusion, sampler), labels[1:2], [8], steps=3, guidance=2.0)
+    together = drawn(model, sched, labels, [7, 8, 9], steps=3, guidance=2.0)
+    alone = drawn(model, sampling_scheduler(cfg.diffusion, sampler), labels[1:2], [8], steps=3, guidance=2.0)
     assert together.shape == (3, 3, 64, 64)
     torch.testing.assert_close(together[1:2], alone, atol=1e-4, rtol=0)
 
 
-def test_step_callback_sees_noise_then_every_step():
+def test_the_denoising_strip_sees_the_noise_then_every_step():
+    from clevrgen.callbacks import DenoisingStrip
+    from clevrgen.data.iclevr import to_uint8
+    from clevrgen.pipeline import ClevrgenPipeline
+
     cfg = tiny_config()
-    model = build_model(cfg.model).eval()
-    seen = []
-    final = sample(model, sampling_scheduler(cfg.diffusion, "ddim"), multi_hot([["red cube"]]), [0], steps=4,
-                   callback=lambda step, total, x: seen.append((step, x.clone())))
-    assert [s for s, _ in seen] == [0, 1, 2, 3, 4]
-    torch.testing.assert_close(seen[-1][1].clamp(-1, 1), final)
+    pipe = ClevrgenPipeline.from_denoiser(build_model(cfg.model).eval(), sampling_scheduler(cfg.diffusion, "ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    noise = pipe.prepare_latents(2, seed=0)
+    strip = DenoisingStrip(4, 5, noise[:1])  # the first image of two
+    final = pipe([["red cube"], ["gray sphere"]], seed=0, num_inference_steps=4, guidance_scale=1.0,
+                 output_type="uint8", callback_on_step_end=strip, batch_size=1).images
+    assert sorted(strip.taken) == [0, 1, 2, 3, 4]
+    frames = strip.images()
+    assert frames.shape == (1, 5, 3, 64, 64)
+    assert torch.equal(frames[0, 0], to_uint8(noise[0].clamp(-1, 1)))  # ddim's init_noise_sigma is 1
+    assert torch.equal(frames[0, -1], final[0])
 
 
 def test_run_folder_and_artifact(trained_run):
@@ -98,8 +107,8 @@ def test_save_then_load_gives_identical_samples(tmp_path, dataset):
     loaded, loaded_cfg = load_artifact(tmp_path / "run")
     assert loaded_cfg == cfg
     labels = multi_hot([["red sphere", "cyan cube"]])
-    a = sample(ema, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=3, guidance=1.5)
-    b = sample(loaded, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=3, guidance=1.5)
+    a = drawn(ema, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=3, guidance=1.5)
+    b = drawn(loaded, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=3, guidance=1.5)
     assert torch.equal(a, b)
 
 
@@ -353,7 +362,7 @@ def test_the_gpu_config_checkpoints_on_a_clock_a_user_would_pick():
 def test_an_export_adds_its_run_to_the_models_chain_of_stages(tmp_path, dataset, runner):
     """A relay stage starts from a model and its export carries the whole chain (training_data.json's
     ``stages``): what each stage started from, its steps, images, lr plan, machine and minutes."""
-    from clevrgen.report import chain_curve
+    from clevrgen.record import chain_curve
 
     data = load_iclevr(dataset, progress=False)
     train(tiny_config("train.steps=2"), tmp_path / "first", data, progress=False)
@@ -374,7 +383,7 @@ def test_an_export_adds_its_run_to_the_models_chain_of_stages(tmp_path, dataset,
 
 
 def test_a_chain_of_stages_names_its_batch_sizes_where_they_differ():
-    from clevrgen.model import describe_chain
+    from clevrgen.record import describe_chain
 
     same = [{"steps": 12_000, "images": 384_000}, {"steps": 7_000, "images": 224_000}]
     assert describe_chain(same) == "12,000 + 7,000 steps"

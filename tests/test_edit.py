@@ -85,9 +85,9 @@ def test_an_editors_dropout_shares_may_not_add_up_past_one():
 
 
 def test_a_tiny_editor_trains_from_a_generator_and_edits_through_the_pipeline(dataset, tmp_path):
+    from clevrgen.artifact import load_artifact
     from clevrgen.data.iclevr import load_iclevr
     from clevrgen.errors import UsageError
-    from clevrgen.model import load_artifact
     from clevrgen.pipeline import ClevrgenPipeline
     from clevrgen.train import train
 
@@ -277,3 +277,37 @@ def test_the_edit_metrics():
     labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     probs = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.1, 0.1]])
     assert f1_scores(probs, labels).tolist() == pytest.approx([0.5, 0.0])
+
+@torch.no_grad()
+def test_an_edit_draws_bit_for_bit_what_the_editors_own_loop_drew():
+    """The pipeline's one loop draws an edit as issue 47's editor loop did: three predictions a
+    step (labels and source, source alone, neither) in one batch, combined as InstructPix2Pix."""
+    from clevrgen.diffusion import sampling_scheduler
+    from clevrgen.labels import multi_hot
+    from clevrgen.model import build_model
+    from clevrgen.pipeline import ClevrgenPipeline
+
+    cfg = _config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    scenes, source = [["red sphere", "gray cube"], ["cyan cylinder"]], torch.rand(2, 3, 64, 64)
+    guidance, image_guidance = 2.0, 1.5
+    labels = multi_hot(scenes)
+    scheduler = sampling_scheduler(cfg.diffusion, "dpm++")
+    scheduler.set_timesteps(3)
+    x = torch.stack([torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    x = x * scheduler.init_noise_sigma
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    empty = torch.zeros_like(labels)
+    conditioning = model.label_encoder(torch.cat([labels, empty, empty]), int(labels.sum(dim=1).max()))
+    sources = torch.cat([source * 2 - 1, source * 2 - 1, torch.zeros_like(source)])
+    for t in scheduler.timesteps:
+        full, kept, uncond = model.denoise(torch.cat([scheduler.scale_model_input(x, t)] * 3), t, conditioning,
+                                           sources).chunk(3)
+        out = uncond + image_guidance * (kept - uncond) + guidance * (full - kept)
+        x = scheduler.step(out.float(), t, x, generator=generators).prev_sample
+    pipe = ClevrgenPipeline.from_denoiser(model, sampling_scheduler(cfg.diffusion, "dpm++"))
+    pipe.set_progress_bar_config(disable=True)
+    edited = pipe(scenes, image=source, image_guidance_scale=image_guidance, guidance_scale=guidance,
+                  num_inference_steps=3, seed=3, output_type="latent").images
+    assert torch.equal(x.clamp(-1.0, 1.0), edited)

@@ -71,13 +71,13 @@ def test_gpu_train_toy_writes_report_and_a_loadable_fp16_run(packed, tmp_path):
         tar.extractall(tmp_path / "back")
     from safetensors import safe_open
 
-    from clevrgen.pipeline import LoadedRun
+    from clevrgen.loaded import LoadedModel
 
     weights = tmp_path / "back" / "gpu-run" / "unet" / "diffusion_pytorch_model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    pipe = LoadedRun.load(tmp_path / "back" / "gpu-run")
-    assert pipe.device.type in ("cpu", "cuda") and pipe.config.model.block_out_channels == [8, 16, 16]
+    model = LoadedModel.load(tmp_path / "back" / "gpu-run")
+    assert model.device.type in ("cpu", "cuda") and model.config.model.block_out_channels == [8, 16, 16]
 
 
 def test_gpu_headline_toy_reports_every_figure_and_a_synced_torchrun(packed, tmp_path):

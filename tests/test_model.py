@@ -7,15 +7,15 @@ import shutil
 import pytest
 import torch
 
+from clevrgen.artifact import load_artifact, save_artifact
 from clevrgen.config import load_config
 from clevrgen.diffusion import sampling_scheduler, training_scheduler
-from clevrgen.pipeline import sample
 from clevrgen.errors import CheckpointError, ConfigError
 from clevrgen.labels import multi_hot
 from clevrgen.loss import assign_noise, diffusion_loss, draw_timesteps, loss_weights, sigmas_of
-from clevrgen.model import LabelEncoder, build_model, load_artifact, save_artifact
+from clevrgen.model import LabelEncoder, build_model
 
-from conftest import TINY, TOKENS
+from conftest import TINY, TOKENS, drawn
 
 
 def tiny(*extra):
@@ -93,8 +93,8 @@ def test_every_design_saves_and_loads_to_the_same_samples(tmp_path, extra):
     loaded, saved = load_artifact(tmp_path / "run")
     assert saved == cfg
     labels = multi_hot([["red sphere", "cyan cube"]])
-    a = sample(model, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=2, guidance=2.0)
-    b = sample(loaded, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=2, guidance=2.0)
+    a = drawn(model, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=2, guidance=2.0)
+    b = drawn(loaded, sampling_scheduler(cfg.diffusion, "dpm++"), labels, [3], steps=2, guidance=2.0)
     assert torch.equal(a, b)
 
 

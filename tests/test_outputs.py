@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from clevrgen.artifact import save_artifact
 from clevrgen.config import load_config
 from clevrgen.errors import UsageError
-from clevrgen.model import build_model, save_artifact
+from clevrgen.model import build_model
 from clevrgen.claims import claim_folder, folder_kind
 from clevrgen.output import output_file
 
@@ -237,7 +238,7 @@ def test_a_commands_own_unfinished_output_is_its_own_to_start_over(tmp_path):
     output is whole is theirs to rerun (with a warning that says it starts over), and no one else's."""
     import warnings
 
-    from clevrgen.filenames import LOCK_FILE
+    from clevrgen.locks import LOCK_FILE
 
     full = "".join(f"[{s}]\n" for s in ("data", "model", "diffusion", "train", "sample", "evaluate", "judge"))
 

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from clevrgen.artifact import load_artifact, save_artifact
 from clevrgen.config import load_config
 from clevrgen.diffusion import training_scheduler
 from clevrgen.errors import ConfigError
-from clevrgen.model import build_model, load_artifact, save_artifact
+from clevrgen.model import build_model
 from clevrgen.loss import diffusion_loss, min_snr_weights
 
 from conftest import TINY

@@ -21,8 +21,9 @@ def test_the_readme_python_section_runs(tmp_path, monkeypatch):
     import torch
 
     from clevrgen import ClevrgenPipeline
+    from clevrgen.artifact import save_artifact
     from clevrgen.config import load_config
-    from clevrgen.model import build_model, save_artifact
+    from clevrgen.model import build_model
 
     from conftest import TINY
 
@@ -45,9 +46,10 @@ def test_the_readme_diffusers_alone_lines_reproduce_the_model(tmp_path, monkeypa
     tiny run of cpu.toml's design (2x2 patches, tokens), gives what clevrgen's own model gives."""
     import torch
 
+    from clevrgen.artifact import save_artifact
     from clevrgen.config import load_config
     from clevrgen.labels import multi_hot
-    from clevrgen.model import build_model, save_artifact
+    from clevrgen.model import build_model
 
     from conftest import TINY, TOKENS
 

@@ -392,7 +392,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runner, data
     state = torch.load(tmp_path / "r" / STATE_FILE, weights_only=True)
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-    from clevrgen.model import load_artifact
+    from clevrgen.artifact import load_artifact
 
     model, _ = load_artifact(tmp_path / "r")
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -495,7 +495,7 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes_exactly(datas
     checkpoint and artifact load, and the resumed run ends as a straight one."""
     import os
 
-    from clevrgen.model import load_artifact
+    from clevrgen.artifact import load_artifact
     from clevrgen.output import WriteError
 
     data = load_iclevr(dataset, progress=False)
@@ -525,7 +525,7 @@ def test_a_full_disk_while_writing_the_unet_folder(run, tmp_path, monkeypatch):
     folder is removed, the old one kept, and the message is one line."""
     import safetensors.torch
 
-    from clevrgen.model import load_artifact, save_artifact
+    from clevrgen.artifact import load_artifact, save_artifact
     from clevrgen.output import WriteError
 
     copy = copy_run(run, tmp_path)
@@ -583,7 +583,7 @@ def test_a_small_real_disk_costs_nothing(runner, dataset, small_disk):
     """On a real full file system: the first checkpoint does not fit (the issue's 600 kB tmpfs);
     then one does and the next does not. Each ends in one line, exit 1, no temporaries; the run
     resumes once there is room."""
-    from clevrgen.model import load_artifact
+    from clevrgen.artifact import load_artifact
 
     disk, resize = small_disk
     args = ["train", "--out", disk / "run", *[x for s in TINY for x in ("--set", s)], "--set",
@@ -623,15 +623,15 @@ def test_sigterm_during_an_evaluation_stops_in_one_line(runner, run, tmp_path, m
     import os
     import signal
 
-    from clevrgen import pipeline
+    from clevrgen.loaded import LoadedModel
 
-    real = pipeline.LoadedRun.generate
+    real = LoadedModel.generate
 
     def generate_and_terminate(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.LoadedRun, "generate", generate_and_terminate)
+    monkeypatch.setattr(LoadedModel, "generate", generate_and_terminate)
     out = tmp_path / "eval"
     expect(runner, ["evaluate", "--checkpoint", run, "--split", "test", "--out", out, "--steps", "1"], 143,
            "stopped by SIGTERM; no file was left half-written: run the same command again")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from clevrgen.artifact import SHIPPED_MODEL, export_artifact, load_artifact
 from clevrgen.cli import app
-from clevrgen.model import SHIPPED_MODEL, export_artifact, load_artifact
 
 from test_diffusion import trained_run  # noqa: F401  (fixture)
 
@@ -38,10 +38,10 @@ def test_export_command(runner, trained_run, tmp_path):  # noqa: F811
 
 def test_commands_use_the_shipped_model_by_default_and_latest_on_request(runner, trained_run, tmp_path,  # noqa: F811
                                                                            monkeypatch):
-    import clevrgen.model
+    import clevrgen.artifact
 
     export_artifact(trained_run, tmp_path / "shipped")
-    monkeypatch.setattr(clevrgen.model, "SHIPPED_MODEL", tmp_path / "shipped")
+    monkeypatch.setattr(clevrgen.artifact, "SHIPPED_MODEL", tmp_path / "shipped")
     result = runner.invoke(app, ["sample", "red sphere", "-o", "a.png", "--num", "2", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert "model: the shipped model" in result.output
@@ -91,16 +91,16 @@ def test_sample_from_an_empty_folder_uses_the_shipped_model(runner, tmp_path):
 
 
 def test_a_stopped_evaluation_resumes_from_its_last_whole_pass(trained_run, tmp_path):  # noqa: F811
-    from clevrgen.evaluation import evaluate_split
-    from clevrgen.pipeline import LoadedRun
+    from clevrgen.evaluation import score_split
+    from clevrgen.loaded import LoadedModel
     from clevrgen.runtime import StopSignal
 
-    pipeline = LoadedRun.load(trained_run)
-    pipeline.config = pipeline.config.model_copy(
-        update={"sample": pipeline.config.sample.model_copy(update={"steps": 1})})
-    straight = evaluate_split(pipeline, "test", tmp_path / "straight", progress=False, seeds=3)
+    model = LoadedModel.load(trained_run)
+    model.config = model.config.model_copy(
+        update={"sample": model.config.sample.model_copy(update={"steps": 1})})
+    straight = score_split(model, "test", tmp_path / "straight", progress=False, seeds=3)
 
-    drawn, generate = [], pipeline.generate
+    drawn, generate = [], model.generate
 
     def stop_in_the_second_pass(scenes, seeds, *args, **kwargs):
         drawn.append(seeds[0])
@@ -108,12 +108,12 @@ def test_a_stopped_evaluation_resumes_from_its_last_whole_pass(trained_run, tmp_
             raise StopSignal(15)  # as SIGTERM does mid-pass
         return generate(scenes, seeds, *args, **kwargs)
 
-    pipeline.generate = stop_in_the_second_pass
+    model.generate = stop_in_the_second_pass
     with pytest.raises(StopSignal):
-        evaluate_split(pipeline, "test", tmp_path / "stopped", progress=False, seeds=3)
+        score_split(model, "test", tmp_path / "stopped", progress=False, seeds=3)
     drawn.clear()
-    pipeline.generate = lambda scenes, seeds, *a, **k: (drawn.append(seeds[0]), generate(scenes, seeds, *a, **k))[1]
-    resumed = evaluate_split(pipeline, "test", tmp_path / "stopped", progress=False, seeds=3)
+    model.generate = lambda scenes, seeds, *a, **k: (drawn.append(seeds[0]), generate(scenes, seeds, *a, **k))[1]
+    resumed = score_split(model, "test", tmp_path / "stopped", progress=False, seeds=3)
     assert drawn == [1000, 2000]  # the first pass was kept, the torn second one drawn again
     assert resumed["passes"] == straight["passes"]
     assert not (tmp_path / "stopped" / ".passes").exists()

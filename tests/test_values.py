@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from clevrgen.artifact import save_artifact
 from clevrgen.cli import app
 from clevrgen.config import load_config
 from clevrgen.errors import CheckpointError, ConfigError
-from clevrgen.model import build_model, save_artifact
+from clevrgen.model import build_model
 from clevrgen.output import strict_json
 
 from conftest import TINY
@@ -176,9 +177,9 @@ def test_a_stop_during_trainings_evaluation_acts_within_a_step(dataset, tmp_path
 
 
 def test_a_large_strip_is_drawn_in_batches(tmp_path, model_dir):
-    from clevrgen.pipeline import LoadedRun
+    from clevrgen.loaded import LoadedModel
 
-    loaded = LoadedRun.load(model_dir)
+    loaded = LoadedModel.load(model_dir)
     loaded.config = loaded.config.model_copy(update={"sample": loaded.config.sample.model_copy(
         update={"steps": 2, "batch_size": 2})})
     scenes = [["red sphere"], ["cyan cube"], ["gray cylinder", "blue cube"]]
@@ -313,11 +314,11 @@ def test_a_large_sample_is_drawn_and_written_in_chunks(runner, tmp_path, model_d
     from PIL import Image
 
     import clevrgen.commands.sample as sample_command
-    from clevrgen.pipeline import LoadedRun
+    from clevrgen.loaded import LoadedModel
 
     calls = []
-    real = LoadedRun.generate
-    monkeypatch.setattr(LoadedRun, "generate", lambda self, scenes, seeds, **kw: calls.append(len(seeds)) or
+    real = LoadedModel.generate
+    monkeypatch.setattr(LoadedModel, "generate", lambda self, scenes, seeds, **kw: calls.append(len(seeds)) or
                         real(self, scenes, seeds, **kw))
     args = ["sample", "red sphere", "cyan cube", "blue cube", "gray cube", "--checkpoint", model_dir,
             "--steps", "1", "--num", "19", "--set", "sample.batch_size=4", "-o"]

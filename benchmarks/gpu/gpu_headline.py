@@ -43,10 +43,10 @@ from pack_images import load_images  # noqa: E402
 from clevrgen.config import load_config  # noqa: E402
 from clevrgen.data.iclevr import ImageSet  # noqa: E402
 from clevrgen.diffusion import sampling_scheduler, training_scheduler  # noqa: E402
-from clevrgen.pipeline import generate  # noqa: E402
 from clevrgen.judge import judge_probs, load_judge, score_predictions  # noqa: E402
 from clevrgen.labels import load_label_sets, multi_hot  # noqa: E402
 from clevrgen.model import build_model  # noqa: E402
+from clevrgen.pipeline import ClevrgenPipeline  # noqa: E402
 from clevrgen.train import Trainer  # noqa: E402
 
 TARGETS = {"training_speedup": 10.0, "mfu": 0.40, "evaluation_speedup": 1000.0, "evaluation_seconds": 1.0,
@@ -176,15 +176,17 @@ def reference_throughput(cfg, data: ImageSet, device, seconds: float, workers: i
 
 
 # --- 2. evaluation wall time -----------------------------------------------------------------
-def batched_evaluation(model, cfg, judge, device, amp) -> dict:
+def batched_evaluation(model, cfg, judge, device) -> dict:
     scenes = load_label_sets("test") + load_label_sets("new_test")
     labels = multi_hot(scenes)
     s = cfg.sample
+    pipe = ClevrgenPipeline.from_denoiser(model, sampling_scheduler(cfg.diffusion, s.sampler),
+                                          precision=cfg.train.precision)  # the training's autocast
+    pipe.set_progress_bar_config(disable=True)
 
     def once():
-        images = generate(model, sampling_scheduler(cfg.diffusion, s.sampler), labels.to(device),
-                          list(range(len(scenes))), s.steps, s.guidance, s.batch_size, cfg.model.image_size, amp,
-                          progress=False)
+        images = pipe(labels=labels.to(device), seed=list(range(len(scenes))), num_inference_steps=s.steps,
+                      guidance_scale=s.guidance, output_type="uint8", batch_size=s.batch_size).images
         return score_predictions(judge_probs(judge, images), labels)
 
     once()  # warm-up
@@ -311,7 +313,7 @@ def main(argv=None) -> dict:
     print("2. evaluation wall time", flush=True)
     judge = load_judge(None, device)
     model = trainer.ema_model()
-    fast = batched_evaluation(model, cfg, judge, device, amp)
+    fast = batched_evaluation(model, cfg, judge, device)
     slow = reference_evaluation(model, cfg, judge, device, args.ref_images, args.ref_steps)
     evaluation = {"clevrgen": fast, "reference": slow, "speedup": slow["scaled_seconds"] / fast["seconds"]}
 

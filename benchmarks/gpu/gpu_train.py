@@ -36,12 +36,12 @@ from gpu_common import (  # noqa: E402
 )
 from pack_images import load_images  # noqa: E402
 
+from clevrgen.artifact import save_artifact  # noqa: E402
 from clevrgen.config import load_config  # noqa: E402
 from clevrgen.diffusion import sampling_scheduler  # noqa: E402
-from clevrgen.pipeline import generate  # noqa: E402
 from clevrgen.judge import judge_probs, load_judge, score_predictions  # noqa: E402
 from clevrgen.labels import load_label_sets, multi_hot  # noqa: E402
-from clevrgen.model import save_artifact  # noqa: E402
+from clevrgen.pipeline import ClevrgenPipeline  # noqa: E402
 from clevrgen.train import Trainer  # noqa: E402
 
 SPLITS = ("test", "new_test")
@@ -70,16 +70,19 @@ def parse_args(argv=None):
     return args
 
 
-def split_accuracy(model, cfg, judge, device, amp_dtype, seeds: int, guidance: float) -> dict:
+def split_accuracy(model, cfg, judge, device, seeds: int, guidance: float) -> dict:
     """Each split's label sets drawn once per seed (image i of seed s: s * 1000 + i), scored by the judge."""
     s = cfg.sample
+    pipe = ClevrgenPipeline.from_denoiser(model, sampling_scheduler(cfg.diffusion, s.sampler),
+                                          precision=cfg.train.precision)  # the training's autocast
+    pipe.set_progress_bar_config(disable=True)
     result = {}
     for split in SPLITS:
         labels = multi_hot(load_label_sets(split))
         n = len(labels)
         all_seeds = [k * 1000 + i for k in range(seeds) for i in range(n)]
-        images = generate(model, sampling_scheduler(cfg.diffusion, s.sampler), labels.repeat(seeds, 1).to(device),
-                          all_seeds, s.steps, guidance, s.batch_size, cfg.model.image_size, amp_dtype, progress=False)
+        images = pipe(labels=labels.repeat(seeds, 1).to(device), seed=all_seeds, num_inference_steps=s.steps,
+                      guidance_scale=guidance, output_type="uint8", batch_size=s.batch_size).images
         probs = judge_probs(judge, images)
         per_seed = [score_predictions(probs[k * n:(k + 1) * n], labels) for k in range(seeds)]
         topk = [r["topk_accuracy"] for r in per_seed]
@@ -99,7 +102,7 @@ def main(argv=None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="gpu_train_"))
     trainer = Trainer(cfg, work / "trainer", data, progress=False)
-    device, amp = trainer.device, trainer.amp_dtype
+    device = trainer.device
     judge = load_judge(None, device)
     info = machine(device)
     print(f"{len(trainer.train_set)} training images on {device}; unpacked in {unpack_s:.1f} s", flush=True)
@@ -140,7 +143,7 @@ def main(argv=None) -> dict:
     t_eval = time.perf_counter()
     final, grid = [], None
     for g in args.guidance:
-        scores = split_accuracy(model, cfg, judge, device, amp, args.seeds, g)
+        scores = split_accuracy(model, cfg, judge, device, args.seeds, g)
         for split in SPLITS:
             row = {k: v for k, v in scores[split].items() if k != "images"}
             final.append({"split": split, "guidance": g, **row})

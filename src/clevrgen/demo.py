@@ -1,8 +1,8 @@
 """The local web page of ``clevrgen demo``: pick objects, press Draw, look at the images.
 
 The drawing half (:func:`page_scene`, :func:`page_settings`, :func:`draw`, :func:`judge_readings`)
-needs no Gradio: it is ``ClevrgenPipeline``'s one call with a step callback that keeps the first
-image's denoising strip and reports progress, as ``denoise-strip`` does. :func:`build_demo` puts a
+needs no Gradio: it is ``ClevrgenPipeline``'s one call with :mod:`clevrgen.callbacks`' step callbacks,
+the first image's denoising strip (``denoise-strip``'s) and the progress. :func:`build_demo` puts a
 Gradio page on it and :func:`serve` serves that page on 127.0.0.1 only (no share link, no
 analytics: nothing leaves the machine).
 """
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from clevrgen.config import SampleConfig
-    from clevrgen.pipeline import LoadedRun
+    from clevrgen.loaded import LoadedModel
 
 MAX_OBJECTS = 5
 """The page draws scenes of 1 to 5 objects: the model was trained on at most 3, and the
@@ -54,16 +54,16 @@ def page_scene(text: str | None) -> list[str]:
     return scene
 
 
-def page_settings(run: "LoadedRun", **given: float | int | None) -> "SampleConfig":
+def page_settings(model: "LoadedModel", **given: float | int | None) -> "SampleConfig":
     """The run's sample settings with the page's values (None: the model's own) validated by the
     same rules and ranges as ``clevrgen sample``'s options: one message per bad value."""
     from clevrgen.config import validate_config
-    from clevrgen.pipeline import check_sample_steps
+    from clevrgen.pipeline_inputs import check_sample_steps
 
-    raw = run.config.model_dump(mode="json", exclude_none=True)
+    raw = model.config.model_dump(mode="json", exclude_none=True)
     given = {k: v for k, v in given.items() if v is not None}
     raw["sample"].update(given)
-    config = validate_config(raw, source=str(run.run_dir), origins={f"sample.{k}": PAGE_FIELDS[k] for k in given})
+    config = validate_config(raw, source=str(model.run_dir), origins={f"sample.{k}": PAGE_FIELDS[k] for k in given})
     check_sample_steps(config)
     return config.sample
 
@@ -81,47 +81,27 @@ class Drawing:
     warnings: list[str] = field(default_factory=list)
 
 
-def draw(run: "LoadedRun", scene: Sequence[str], sample: "SampleConfig", frames: int = STRIP_FRAMES,
+def draw(model: "LoadedModel", scene: Sequence[str], sample: "SampleConfig", frames: int = STRIP_FRAMES,
          on_step: Callable[[int, int], None] | None = None) -> Drawing:
     """``sample.num`` images of ``scene`` and the first one's denoising strip, in one pipeline
     call. ``on_step(done, total)`` counts image-steps; a scene larger than any the model was
     trained on is drawn, and its warning returned in ``Drawing.warnings``."""
-    import torch
+    from diffusers.callbacks import MultiPipelineCallbacks
 
-    from clevrgen.data.iclevr import IMAGE_SIZE, resize_images, to_uint8
-    from clevrgen.labels import multi_hot
+    from clevrgen.callbacks import DenoisingStrip, StepProgress
 
-    pipe, s = run.pipe, sample
+    pipe, s = model.pipe, sample
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ClevrgenWarning)
-        pipe.check_scene_sizes([list(scene)])
+        labels = pipe.encode_scenes([list(scene)])
     said = [str(w.message) for w in caught if issubclass(w.category, ClevrgenWarning)]
-    frames = min(frames, s.steps + 1)
-    wanted = {round(k * s.steps / (frames - 1)) for k in range(frames)}
-    taken: dict[int, torch.Tensor] = {}
-    done, total = 0, s.num * s.steps
-
-    def step_end(p, i, t, kw):
-        nonlocal done
-        x = kw["latents"]
-        if i + 1 in wanted and i + 1 not in taken:  # batches run in order: the first holds image 0
-            taken[i + 1] = x[:1].clamp(-1, 1).cpu()
-        done += len(x)
-        if on_step is not None:
-            on_step(done, total)
-        return kw
-
     start = time.perf_counter()
-    pipe.set_progress_bar_config(disable=True)
-    x = pipe(labels=multi_hot([scene]).expand(s.num, -1), seed=s.seed, num_inference_steps=s.steps,
-             guidance_scale=s.guidance, output_type="latent", callback_on_step_end=step_end,
-             batch_size=s.batch_size).images
-    # Frame 0 is image 0's initial noise: the pipeline draws it from seed alone, as here.
-    noise = torch.randn((1, 3, pipe.image_size, pipe.image_size), generator=torch.Generator().manual_seed(s.seed))
-    taken[0] = (noise * pipe.scheduler.init_noise_sigma).clamp(-1, 1)
-    strip = torch.cat([taken[k] for k in sorted(taken)])
-    return Drawing(list(scene), s, resize_images(to_uint8(x).cpu(), IMAGE_SIZE),
-                   resize_images(to_uint8(strip), IMAGE_SIZE), time.perf_counter() - start, said)
+    strip = DenoisingStrip(s.steps, min(frames, s.steps + 1), pipe.prepare_latents(1, seed=s.seed))
+    progress = StepProgress(s.num * s.steps, enabled=False, on_step=on_step)
+    images = pipe(labels=labels.expand(s.num, -1), seed=s.seed, num_inference_steps=s.steps,
+                  guidance_scale=s.guidance, output_type="uint8", batch_size=s.batch_size,
+                  callback_on_step_end=MultiPipelineCallbacks([strip, progress])).images
+    return Drawing(list(scene), s, images, strip.images()[0], time.perf_counter() - start, said)
 
 
 def judge_readings(judge, images: "torch.Tensor", scene: Sequence[str]) -> list[dict]:
@@ -179,25 +159,25 @@ def _row(frames: "torch.Tensor"):
     return _pil(make_grid(frames, nrow=len(frames), padding=2, pad_value=255)[None])[0]
 
 
-def build_demo(run: "LoadedRun", judge_path: Path | None = None):
-    """The demo page (a ``gr.Blocks``) drawing with ``run``'s pipeline; ``judge_path``: the judge
+def build_demo(model: "LoadedModel", judge_path: Path | None = None):
+    """The demo page (a ``gr.Blocks``) drawing with ``model``'s pipeline; ``judge_path``: the judge
     whose reading the page may show (None: the shipped judge), loaded on first use."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
+    from clevrgen.artifact import describe_model
     from clevrgen.labels import COLORS, SHAPES
-    from clevrgen.model import describe_model
 
-    s = run.config.sample
-    most_steps = run.config.diffusion.num_train_timesteps  # check_sample_steps' limit
-    trained_on = run.pipe.config.max_objects
+    s = model.config.sample
+    most_steps = model.config.diffusion.num_train_timesteps  # check_sample_steps' limit
+    trained_on = model.pipe.config.max_objects
     judges: list = []
 
     def the_judge():
         if not judges:
             from clevrgen.judge import load_judge
 
-            judges.append(load_judge(judge_path, run.device))
+            judges.append(load_judge(judge_path, model.device))
         return judges[0]
 
     def add_object(text: str, color: str, shape: str) -> str:
@@ -206,9 +186,9 @@ def build_demo(run: "LoadedRun", judge_path: Path | None = None):
     def on_draw(text, num, seed, steps, guidance, show_judge, progress=gr.Progress()):
         try:
             scene = page_scene(text)
-            sample = page_settings(run, num=num, seed=seed, steps=steps, guidance=guidance)
+            sample = page_settings(model, num=num, seed=seed, steps=steps, guidance=guidance)
             progress((0, sample.num * sample.steps), desc="drawing", unit="image-steps")
-            result = draw(run, scene, sample, on_step=lambda d, t: progress((d, t), desc="drawing", unit="image-steps"))
+            result = draw(model, scene, sample, on_step=lambda d, t: progress((d, t), desc="drawing", unit="image-steps"))
             readings = judge_readings(the_judge(), result.images, scene) if show_judge else None
         except ClevrgenError as exc:  # the CLI's message, in the page (which reads it as HTML: "<color>")
             raise gr.Error(html.escape(str(exc), quote=False), duration=None, print_exception=False) from None
@@ -223,8 +203,8 @@ def build_demo(run: "LoadedRun", judge_path: Path | None = None):
                 reading_table(readings, sample.seed) if readings else "")
 
     with gr.Blocks(title="clevrgen demo", analytics_enabled=False) as page:
-        gr.Markdown(f"## clevrgen: phrases in, 64×64 scenes out\nModel: {describe_model(run.run_dir)}; "
-                    f"{s.sampler} sampler on {run.device.type}."
+        gr.Markdown(f"## clevrgen: phrases in, 64×64 scenes out\nModel: {describe_model(model.run_dir)}; "
+                    f"{s.sampler} sampler on {model.device.type}."
                     + (f" It was trained on scenes of at most {trained_on} objects." if trained_on else ""))
         with gr.Row():
             with gr.Column(scale=2):
@@ -264,10 +244,10 @@ def build_demo(run: "LoadedRun", judge_path: Path | None = None):
     return page
 
 
-def serve(run: "LoadedRun", port: int, judge_path: Path | None = None, block: bool = True):
+def serve(model: "LoadedModel", port: int, judge_path: Path | None = None, block: bool = True):
     """Serve the demo page on 127.0.0.1:``port``; with ``block``, until Ctrl-C or SIGTERM (which
     propagate, the server closed). Returns the page (``.close()`` stops it)."""
-    page = build_demo(run, judge_path)
+    page = build_demo(model, judge_path)
     try:
         page.queue().launch(server_name=HOST, server_port=port, share=False, inbrowser=False, css=CSS,
                             prevent_thread_lock=True, quiet=True, footer_links=["api"])

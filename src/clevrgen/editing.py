@@ -29,8 +29,9 @@ SHIPPED_EDITOR = Path(__file__).resolve().parent / "assets" / "editor"
 
 def resolve_editor(checkpoint: Path | str | None) -> Path:
     """The editor a command uses: the shipped one when none is given, else the folder given."""
+    from clevrgen.artifact import resolve_checkpoint
     from clevrgen.errors import CheckpointError
-    from clevrgen.model import CONFIG_FILE, resolve_checkpoint
+    from clevrgen.filenames import CONFIG_FILE
 
     if checkpoint is None:
         if not (SHIPPED_EDITOR / CONFIG_FILE).is_file():
@@ -117,21 +118,12 @@ def draw_edits(pipe, sources: torch.Tensor, labels: torch.Tensor, seeds: Sequenc
                description: str = "editing") -> torch.Tensor:
     """uint8 [N, 3, 64, 64]: source i (uint8 [N, 3, 64, 64]) drawn with the objects of
     ``labels[i]`` from seed ``seeds[i]``, with a rich progress bar."""
-    from clevrgen.data.iclevr import to_uint8
-    from clevrgen.progress import make_progress
+    from clevrgen.callbacks import StepProgress
 
-    pipe.set_progress_bar_config(disable=True)
-    with make_progress(enabled=progress) as bar:
-        task = bar.add_task(description, total=len(seeds) * steps)
-
-        def advance(p, i, t, kw):
-            bar.advance(task, kw["latents"].shape[0])
-            return kw
-
-        x = pipe(labels=labels, image=sources, seed=list(seeds), num_inference_steps=steps, guidance_scale=guidance,
-                 image_guidance_scale=image_guidance, output_type="latent", callback_on_step_end=advance,
-                 batch_size=batch_size).images
-    return to_uint8(x).cpu()
+    with StepProgress(len(seeds) * steps, description, enabled=progress) as bar:
+        return pipe(labels=labels, image=sources, seed=list(seeds), num_inference_steps=steps, guidance_scale=guidance,
+                    image_guidance_scale=image_guidance, output_type="uint8", callback_on_step_end=bar,
+                    batch_size=batch_size).images
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -278,7 +270,7 @@ def evaluate_edit_task(loaded, data_path: Path | None, out: Path, passes: int = 
     ``grid.png`` (rows of source, edit, real next image) and ``results.json`` into ``out``."""
     from clevrgen.data import load_dataset
     from clevrgen.evaluation import save_grid
-    from clevrgen.model import describe_model
+    from clevrgen.artifact import describe_model
     from clevrgen.output import atomic_write_text, strict_json
 
     cfg = loaded.config

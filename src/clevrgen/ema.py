@@ -154,8 +154,8 @@ def posthoc_model(run_dir, sigma_rel: float, step: int | None = None):
     """The model whose weights are the power-function EMA of relative length ``sigma_rel`` at
     ``step`` (default: the last snapshot's), synthesized from the run's snapshots; with its config
     and the snapshots' coefficients, for the record."""
+    from clevrgen.artifact import load_artifact
     from clevrgen.errors import CheckpointError, UsageError
-    from clevrgen.model import load_artifact
 
     snaps = power_snapshots(run_dir)
     if not snaps:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from clevrgen.labels import PHRASES, asset_path, load_label_sets, normalize_phrase
-from clevrgen.model import describe_model
-from clevrgen.pipeline import LoadedRun
-from clevrgen.filenames import PASSES_DIR
+from clevrgen.artifact import UNET_DIR, WEIGHTS_FILE, describe_model
+from clevrgen.labels import PHRASES, asset_path, load_label_sets, multi_hot, normalize_phrase
+from clevrgen.loaded import LoadedModel
+from clevrgen.claims import PASSES_DIR
 from clevrgen.output import atomic_path, atomic_write_bytes, atomic_write_text, strict_json
 
 
@@ -79,14 +79,14 @@ def write_grid(path: Path, batches, count: int, per_row: int = 8, padding: int =
         chunk(f, b"IEND", b"")
 
 
-def pass_key(pipeline: LoadedRun, scenes: list[list[str]]) -> str:
+def pass_key(model: LoadedModel, scenes: list[list[str]]) -> str:
     """What a pass's images depend on: the weights, the sampling settings and the label sets."""
     import hashlib
 
-    weights = Path(pipeline.run_dir) / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = Path(model.run_dir) / UNET_DIR / WEIGHTS_FILE
     stat = weights.stat() if weights.exists() else None
-    facts = [str(Path(pipeline.run_dir).resolve()), stat and (stat.st_size, stat.st_mtime_ns),
-             pipeline.config.sample.model_dump(exclude={"seed", "num", "batch_size", "device"}), scenes]
+    facts = [str(Path(model.run_dir).resolve()), stat and (stat.st_size, stat.st_mtime_ns),
+             model.config.sample.model_dump(exclude={"seed", "num", "batch_size", "device"}), scenes]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:16]
 
 
@@ -117,7 +117,7 @@ def pass_seeds(base: int, passes: int, n: int) -> list[int]:
     return [base + k * stride for k in range(passes)]
 
 
-def evaluate_split(pipeline: LoadedRun, split: str, out: Path, evaluator: Path | None = None,
+def score_split(model: LoadedModel, split: str, out: Path, evaluator: Path | None = None,
                    progress: bool = True, seeds: int = 1) -> dict:
     """Draw each label set of ``split`` once per pass (``seeds`` passes; image i of the first uses
     sample.seed + i), score every pass, write the first pass's images and the results. With
@@ -130,24 +130,24 @@ def evaluate_split(pipeline: LoadedRun, split: str, out: Path, evaluator: Path |
     from clevrgen.judge import judge_probs, load_judge, score_predictions
 
     scenes = load_label_sets(split)
-    judge = load_judge(evaluator, pipeline.device)
-    s = pipeline.config.sample
-    labels = pipeline.labels(scenes).cpu()
+    judge = load_judge(evaluator, model.device)
+    s = model.config.sample
+    labels = multi_hot(scenes)
     passes, first = [], None  # first: the first pass's (images, scores), which are written out
-    key = pass_key(pipeline, scenes)
+    key = pass_key(model, scenes)
     start = time.perf_counter()
     for k, base in enumerate(pass_seeds(s.seed, seeds, len(scenes))):
         what = f"sampling {Path(split).stem}" + (f" (seed {k + 1} of {seeds})" if seeds > 1 else "")
         images = load_pass(out, base, key)  # a pass finished by an earlier, stopped run
         if images is None:
-            images = pipeline.generate(scenes, [base + i for i in range(len(scenes))], progress, what)
+            images = model.generate(scenes, [base + i for i in range(len(scenes))], progress, what)
             save_pass(out, base, key, images)
         scores = score_predictions(judge_probs(judge, images), labels)
         passes.append({"seed": base, "topk_accuracy": scores["topk_accuracy"],
                        "exact_accuracy": scores["exact_accuracy"]})
         if first is None:
             first = images, scores
-    if pipeline.device.type == "cuda":
+    if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     images, scores = first
@@ -172,14 +172,14 @@ def evaluate_split(pipeline: LoadedRun, split: str, out: Path, evaluator: Path |
         "steps": s.steps,
         "guidance": s.guidance,
         "seed": s.seed,
-        "checkpoint": str(pipeline.run_dir),
+        "checkpoint": str(model.run_dir),
         "evaluator": str(evaluator) if evaluator else "shipped",
-        "device": str(pipeline.device),
-        "model": describe_model(pipeline.run_dir),
+        "device": str(model.device),
+        "model": describe_model(model.run_dir),
         "per_class_recall": dict(zip(PHRASES, scores["per_class_recall"])),  # of the first pass
         "versions": {"clevrgen": clevrgen.__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "python": platform.python_version()},
-        "config": pipeline.config.model_dump(mode="json"),
+        "config": model.config.model_dump(mode="json"),
     }
     atomic_write_text(out / "results.json", strict_json(result, indent=2))
     shutil.rmtree(out / PASSES_DIR, ignore_errors=True)  # finished: results.json holds every pass

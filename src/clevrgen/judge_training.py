@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from clevrgen.config import Config, JudgeConfig, to_toml
+from clevrgen.config import Config, JudgeConfig
+from clevrgen.config_file import to_toml
 from clevrgen.data.iclevr import ImageSet, load_iclevr, split_scenes, to_float
 from clevrgen.filenames import CONFIG_FILE, METRICS_FILE
 from clevrgen.judge import build_judge, judge_logits, load_judge, save_judge, score_judge

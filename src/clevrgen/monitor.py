@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from clevrgen.callbacks import SamplingStopped, StepProgress
 from clevrgen.config import Config, DiffusionConfig
 from clevrgen.data.iclevr import ImageSet, resize_images, to_float
 from clevrgen.diffusion import sampling_scheduler
 from clevrgen.errors import ClevrgenError
 from clevrgen.loss import diffusion_loss
 from clevrgen.output import atomic_path
-from clevrgen.pipeline import SamplingStopped, generate
+from clevrgen.pipeline import ClevrgenPipeline
 
 StopCheck = Callable[[], bool] | None
 
@@ -72,17 +73,15 @@ def judge_accuracy(model, cfg: Config, val_set: ImageSet, device, amp_dtype, sho
         label_sets["val_"] = val_set.labels[: t.eval_images]
     record = {}
     for prefix, labels in label_sets.items():
-        images = generate(model, sampling_scheduler(cfg.diffusion, s.sampler), labels.to(device),
-                          [s.seed + i for i in range(len(labels))], s.steps, s.guidance, s.batch_size,
-                          cfg.model.image_size, amp_dtype, progress=False, should_stop=should_stop)
+        images = draw(model, cfg, labels.to(device), [s.seed + i for i in range(len(labels))], amp_dtype, should_stop)
         scores = score_predictions(judge_probs(judge, images), labels)
         record.update({f"{prefix}topk_accuracy": scores["topk_accuracy"],
                        f"{prefix}exact_accuracy": scores["exact_accuracy"]})
     return record
 
 
-def evaluate(model, noise_scheduler, cfg: Config, val_set: ImageSet, device, amp_dtype,
-             should_stop: StopCheck = None) -> dict:
+def measure(model, noise_scheduler, cfg: Config, val_set: ImageSet, device, amp_dtype,
+            should_stop: StopCheck = None) -> dict:
     """The held-out loss and (with ``eval_images`` or ``eval_splits``) judge accuracies."""
     record = {}
     if len(val_set):
@@ -101,10 +100,21 @@ def sample_grid(model, cfg: Config, device, amp_dtype, path: Path, should_stop: 
 
     scenes = [list(s) for s in shipped_split("new_test")[:16]]
     labels = multi_hot(scenes).to(device)
-    s = cfg.sample
-    images = generate(model, sampling_scheduler(cfg.diffusion, s.sampler), labels, list(range(len(scenes))),
-                      s.steps, s.guidance, s.batch_size, cfg.model.image_size, amp_dtype, progress=False,
-                      should_stop=should_stop)
+    images = draw(model, cfg, labels, list(range(len(scenes))), amp_dtype, should_stop)
     with atomic_path(path) as tmp:
         save_image(images.float() / 255, tmp, nrow=8, format="png")
     return images
+
+
+def draw(model, cfg: Config, labels: torch.Tensor, seeds: list[int], amp_dtype,
+         should_stop: StopCheck = None) -> torch.Tensor:
+    """uint8 images [N, 3, 64, 64] of ``labels``, image i from ``seeds[i]``, as the commands draw
+    them with the run's sample settings: ``ClevrgenPipeline`` around the EMA model, in the
+    training's precision (``amp_dtype``)."""
+    s = cfg.sample
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    pipe = ClevrgenPipeline.from_denoiser(model, sampling_scheduler(cfg.diffusion, s.sampler), precision=precision)
+    pipe.set_progress_bar_config(disable=True)
+    stop = StepProgress(len(seeds) * s.steps, enabled=False, should_stop=should_stop)
+    return pipe(labels=labels, seed=seeds, num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="uint8",
+                callback_on_step_end=stop, batch_size=s.batch_size).images

@@ -1,4 +1,7 @@
-"""Pictures of a run: the loss curve and accuracy against training time, from ``metrics.jsonl``."""
+"""Pictures of a run: the loss curve and accuracy against training time, from ``metrics.jsonl``.
+
+A model's chain of training stages (``training_data.json``) is :mod:`clevrgen.record`'s.
+"""
 
 from __future__ import annotations
 
@@ -102,46 +105,3 @@ def plot_accuracy_curve(rows: list[dict], splits: list[str], out: Path, title: s
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-def stage_record(run_dir: Path, steps: int) -> dict:
-    """One stage of a model's chain of training runs (``training_data.json``'s ``stages``): what
-    it started from, its steps, images, lr plan, data and machine, its minutes of training (the
-    logged windows' images over their img/s) and its curve (one pass of each evaluated split, as
-    logged while training)."""
-    from clevrgen.config import load_config
-    from clevrgen.model import training_data_of
-
-    t = load_config(run_dir / "config.toml").train
-    record = training_data_of(run_dir)
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("step", 0) <= steps]
-    world = next((r["world_size"] for r in records if "world_size" in r), 1)
-    at = training_minutes(records, t.batch_size * world)
-    lr = f"{t.warmup_steps:,}-step warm-up to lr {t.lr:g}, constant"
-    if t.lr_decay_steps:
-        lr += f", cosine cool-down to {t.lr * t.lr_final:.2g} over the last {t.lr_decay_steps:,} steps"
-    curve = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-             for row in accuracy_curve(records, t.batch_size * world, t.eval_splits)]
-    return {"from": record.get("init", "random weights"), "steps": steps, "images": steps * t.batch_size * world,
-            "lr_plan": lr, "data": record.get("data"), "machine": record.get("machine", "not recorded"),
-            "minutes": round(at[-1][1], 1) if at else None, "curve": curve}
-
-
-def with_stage(record: dict, run_dir: Path, steps: int) -> dict:
-    """``record`` (a run's training_data) with the run appended to its chain of stages, if
-    ``run_dir`` is a training run (an export of an export keeps the chain as it is)."""
-    if not (Path(run_dir) / "metrics.jsonl").is_file():
-        return record
-    return {**record, "stages": [*record.get("stages", []), stage_record(Path(run_dir), steps)]}
-
-
-def chain_curve(stages: list[dict]) -> tuple[list[dict], list[float]]:
-    """The curves of a chain of stages (``training_data.json``'s ``stages``) as one, steps and
-    minutes counted on from stage to stage; and the minutes at which each later stage began."""
-    rows, boundaries, step0, minutes0 = [], [], 0, 0.0
-    for i, stage in enumerate(stages):
-        if i:
-            boundaries.append(minutes0)
-        rows += [{**r, "stage": i, "step": r["step"] + step0, "minutes": r["minutes"] + minutes0} for r in stage["curve"]]
-        step0, minutes0 = step0 + stage["steps"], minutes0 + (stage["minutes"] or 0.0)
-    return rows, boundaries

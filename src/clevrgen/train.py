@@ -24,19 +24,19 @@ from pathlib import Path
 import torch
 
 from clevrgen import monitor
-from clevrgen.config import Config, TrainConfig, to_toml
+from clevrgen.artifact import describe_model, load_artifact, resolve_checkpoint, save_artifact
+from clevrgen.callbacks import SamplingStopped
+from clevrgen.config import Config, TrainConfig
+from clevrgen.config_file import to_toml
 from clevrgen.data.iclevr import ImageSet, resize_images, split_scenes, to_float
 from clevrgen.diffusion import training_scheduler
 from clevrgen.ema import check_classic_resume
 from clevrgen.errors import CheckpointError, ClevrgenError, ConfigError, Interrupted, UsageError, first_line
 from clevrgen.loss import diffusion_loss
-from clevrgen.model import (
-    LabelConditionedUNet, build_model, describe_model, load_artifact, max_objects_of, resolve_checkpoint, save_artifact,
-    set_attention_kernel, training_data_of, warn_if_upsampled, widen_to_editor,
-)
+from clevrgen.model import LabelConditionedUNet, build_model, set_attention_kernel, warn_if_upsampled, widen_to_editor
 from clevrgen.locks import run_lock
 from clevrgen.output import WriteError, append_jsonl, atomic_write_text
-from clevrgen.pipeline import SamplingStopped
+from clevrgen.record import max_objects_of, training_data_of
 from clevrgen.runfolder import (  # noqa: F401  (STATE_FILE, METRICS_FILE: the run folder's names, used by callers)
     METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, RunLog, checkpoint_note, drop_metrics_after, read_state,
     require_tensorboard, write_state,
@@ -171,7 +171,7 @@ class Trainer:
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device, warn_fallback=self.dist.is_main)
-        from clevrgen.pipeline import check_sample_steps
+        from clevrgen.pipeline_inputs import check_sample_steps
 
         check_sample_steps(cfg)  # the sample grids and accuracy checks draw with sample.steps
         self.place_data(data)
@@ -395,8 +395,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """The held-out loss and judge accuracies of the EMA model (``clevrgen.monitor``)."""
-        return monitor.evaluate(self.ema_model(), self.noise_scheduler, self.cfg, self.val_set, self.device,
-                                self.amp_dtype, self.stop_requested)
+        return monitor.measure(self.ema_model(), self.noise_scheduler, self.cfg, self.val_set, self.device,
+                               self.amp_dtype, self.stop_requested)
 
     def held_out_accuracy(self, model) -> dict:
         return monitor.judge_accuracy(model, self.cfg, self.val_set, self.device, self.amp_dtype, self.stop_requested)

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from clevrgen.config import Config, load_config, to_toml
+from clevrgen.config import Config, load_config
+from clevrgen.config_file import to_toml
 
 ConfigOption = Annotated[
     Optional[Path],
@@ -89,15 +90,15 @@ GuidanceOption = Annotated[
 ]
 
 
-def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[str] | None, print_config: bool,
-                  **sample_options):
-    """The trained pipeline of ``checkpoint``. Its saved config supplies every default; ``--config``
-    may change the ``sample`` and ``evaluate`` sections, then the command's own options
-    (``sample_options``, None = unset), then ``--set``."""
+def load_model(checkpoint: Path | None, config: Path | None, overrides: list[str] | None, print_config: bool,
+               **sample_options):
+    """The trained model of ``checkpoint``, as a :class:`clevrgen.loaded.LoadedModel`. Its saved
+    config supplies every default; ``--config`` may change the ``sample`` and ``evaluate``
+    sections, then the command's own options (``sample_options``, None = unset), then ``--set``."""
+    from clevrgen.artifact import describe_model, resolve_checkpoint
     from clevrgen.config_file import find_config, read_toml
     from clevrgen.errors import ConfigError
-    from clevrgen.model import describe_model, resolve_checkpoint
-    from clevrgen.pipeline import LoadedRun
+    from clevrgen.loaded import LoadedModel
 
     run = resolve_checkpoint(checkpoint)
     raw = load_config_of_run(run).model_dump(mode="json", exclude_none=True)
@@ -109,16 +110,16 @@ def load_pipeline(checkpoint: Path | None, config: Path | None, overrides: list[
     given = {k: v for k, v in sample_options.items() if v is not None}
     raw["sample"].update(given)
     options = {f"sample.{k}": f"--{k}" for k in given}
-    pipeline = LoadedRun.load(run, finish_config(raw, overrides, str(config or run), print_config, options))
+    model = LoadedModel.load(run, finish_config(raw, overrides, str(config or run), print_config, options))
     from rich.console import Console
 
     Console(stderr=True).print(f"model: {describe_model(run)}", highlight=False, soft_wrap=True)
-    return pipeline
+    return model
 
 
 def load_config_of_run(run: Path) -> Config:
+    from clevrgen.artifact import CONFIG_FILE
     from clevrgen.errors import CheckpointError, ConfigError
-    from clevrgen.model import CONFIG_FILE
 
     path = run / CONFIG_FILE
     if not path.is_file():

@@ -32,14 +32,14 @@ def demo(
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("the demo needs Gradio, an optional extra: pip install 'clevrgen[demo]'") from None
-    from clevrgen.commands._options import load_pipeline
+    from clevrgen.commands._options import load_model
     from clevrgen.demo import HOST, serve
     from clevrgen.runtime import StopSignal
 
-    run = load_pipeline(checkpoint, config, overrides, print_config)
+    model = load_model(checkpoint, config, overrides, print_config)
     typer.echo(f"serving the demo on http://{HOST}:{port}/ (Ctrl-C stops it)")
     try:
-        serve(run, port)
+        serve(model, port)
     except (KeyboardInterrupt, StopSignal) as exc:
         typer.echo("stopped the demo")
         raise typer.Exit(143 if isinstance(exc, StopSignal) else 130) from None

@@ -9,7 +9,7 @@ import typer
 
 from clevrgen.commands._options import (
     CheckpointOption, SampleConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
-    StepsOption, load_pipeline,
+    StepsOption, load_model,
 )
 
 HELP = "Show the denoising process: the image at evenly spaced steps from noise to the end, one row per scene."
@@ -47,11 +47,11 @@ def denoise_strip(
     from clevrgen.claims import claim_file
 
     claim_file(out, "image", "--out")
-    pipeline = load_pipeline(checkpoint, config, overrides, print_config,
-                             steps=steps, sampler=sampler, guidance=guidance, seed=seed)
-    s = pipeline.config.sample
+    model = load_model(checkpoint, config, overrides, print_config,
+                       steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+    s = model.config.sample
     if frames > s.steps + 1:
         raise UsageError(f"--frames {frames} is more than the {s.steps} steps + 1 images the sampler makes")
-    strip = pipeline.trajectory(scenes, [s.seed + i for i in range(len(scenes))], frames)
+    strip = model.trajectory(scenes, [s.seed + i for i in range(len(scenes))], frames)
     save_grid(strip.flatten(0, 1), out, per_row=frames)
     typer.echo(f"wrote {out} ({len(scenes)} row{'s' * (len(scenes) > 1)} of {frames} frames, {s.sampler} {s.steps} steps)")

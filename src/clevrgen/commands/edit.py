@@ -9,7 +9,7 @@ import typer
 
 from clevrgen.commands._options import (
     CheckpointOption, GuidanceOption, PrintConfigOption, SampleConfigOption, SeedOption, SetOption, StepsOption,
-    _finite_in, MAX_GUIDANCE, load_pipeline,
+    _finite_in, MAX_GUIDANCE, load_model,
 )
 
 HELP = "Add an object to a scene (a PNG) and keep the rest, or build a scene one object at a time (--sequence)."
@@ -59,7 +59,7 @@ def edit(
         if has:
             parse_phrases(has)
     claim_file(out, "image", "--out")
-    editor = load_pipeline(resolve_editor(checkpoint), config, overrides, print_config,
+    editor = load_model(resolve_editor(checkpoint), config, overrides, print_config,
                            seed=seed, steps=steps, guidance=guidance, image_guidance=image_guidance)
     if sequence:
         _build(editor, items, out, generator)
@@ -94,7 +94,7 @@ def _add(editor, scene: Path, add: list[str], has: list[str] | None, out: Path) 
 
 def _build(editor, phrases: list[str], out: Path, generator: Path | None) -> None:
     """The first object from the generator, then one edit per further object: the steps as a strip."""
-    from clevrgen.commands._options import load_pipeline as load
+    from clevrgen.commands._options import load_model as load
     from clevrgen.editing import draw_edits
     from clevrgen.evaluation import save_grid
     from clevrgen.labels import multi_hot

@@ -9,7 +9,7 @@ import typer
 
 from clevrgen.commands._options import (
     CheckpointOption, SampleConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
-    StepsOption, load_pipeline,
+    StepsOption, load_model,
 )
 
 HELP = "Generate every label set of a split and score the images with the judge (top-k and exact-set accuracy)."
@@ -55,7 +55,7 @@ def evaluate(
     from rich.table import Table
 
     from clevrgen.errors import UsageError
-    from clevrgen.evaluation import evaluate_split
+    from clevrgen.evaluation import score_split
     from clevrgen.labels import load_label_sets
 
     if task not in ("generate", "edit"):
@@ -70,18 +70,18 @@ def evaluate(
 
     if split is not None:
         load_label_sets(split)  # a bad split or file fails before the model is loaded
-    pipeline = load_pipeline(checkpoint, config, overrides, print_config,
-                             steps=steps, sampler=sampler, guidance=guidance, seed=seed)
-    split = split or pipeline.config.evaluate.split
-    evaluator = evaluator or pipeline.config.evaluate.evaluator
-    from clevrgen.model import is_shipped
+    model = load_model(checkpoint, config, overrides, print_config,
+                       steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+    split = split or model.config.evaluate.split
+    evaluator = evaluator or model.config.evaluate.evaluator
+    from clevrgen.artifact import is_shipped
 
     # A run keeps its evaluations; the shipped model's folder is part of the install: write here.
-    out = out or (Path(".") if is_shipped(pipeline.run_dir) else pipeline.run_dir) / f"eval-{Path(split).stem}"
+    out = out or (Path(".") if is_shipped(model.run_dir) else model.run_dir) / f"eval-{Path(split).stem}"
     from clevrgen.claims import claim_folder
 
     claim_folder(out, "evaluation")
-    result = evaluate_split(pipeline, split, out, evaluator, progress=not as_json, seeds=seeds)
+    result = score_split(model, split, out, evaluator, progress=not as_json, seeds=seeds)
     if as_json:
         from clevrgen.output import strict_json
 
@@ -107,11 +107,11 @@ def _evaluate_edits(checkpoint, data, limit, iterative, seeds, out, as_json, con
     from rich.table import Table
 
     from clevrgen.editing import evaluate_edit_task, resolve_editor
-    from clevrgen.model import is_shipped
+    from clevrgen.artifact import is_shipped
     from clevrgen.claims import claim_folder
     from clevrgen.output import strict_json
 
-    loaded = load_pipeline(resolve_editor(checkpoint), config, overrides, print_config, **options)
+    loaded = load_model(resolve_editor(checkpoint), config, overrides, print_config, **options)
     out = out or (Path(".") if is_shipped(loaded.run_dir) else loaded.run_dir) / "eval-edit"
     claim_folder(out, "evaluation")
     result = evaluate_edit_task(loaded, data, out, seeds, limit, iterative, progress=not as_json)

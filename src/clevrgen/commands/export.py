@@ -28,12 +28,12 @@ def export(
     step: Annotated[Optional[int], typer.Option("--step", min=1, max=10**9, help="With --ema-sigma-rel: the average at this snapshot's step. (default: the last)")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="The exported model's own sampling defaults, e.g. --set sample.guidance=5 (sample.* only; repeatable).")] = None,
 ) -> None:
+    from clevrgen.artifact import export_artifact, resolve_checkpoint
     from clevrgen.commands._options import resolve_run_config
     from clevrgen.errors import UsageError
-    from clevrgen.model import export_artifact, resolve_checkpoint
     from clevrgen.claims import check_writable, claim_folder
-    from clevrgen.pipeline import check_sample_steps
-    from clevrgen.report import with_stage
+    from clevrgen.pipeline_inputs import check_sample_steps
+    from clevrgen.record import with_stage
 
     source = resolve_checkpoint(run)
     check_writable(out, folder=True)  # a symlink loop as --out: one line, not resolve()'s RuntimeError
@@ -47,8 +47,9 @@ def export(
     check_sample_steps(chosen)
     claim_folder(out, "model")
     if ema_sigma_rel is not None:
+        from clevrgen.artifact import save_artifact
         from clevrgen.ema import posthoc_model
-        from clevrgen.model import save_artifact, training_data_of
+        from clevrgen.record import training_data_of
 
         model, _, weights = posthoc_model(source, ema_sigma_rel, step)
         if not fp32:

@@ -9,7 +9,7 @@ import typer
 
 from clevrgen.commands._options import (
     CheckpointOption, SampleConfigOption, GuidanceOption, PrintConfigOption, SamplerOption, SeedOption, SetOption,
-    StepsOption, load_pipeline,
+    StepsOption, load_model,
 )
 
 GRID_CHUNK = 512
@@ -43,28 +43,28 @@ def sample(
 
     parse_phrases(phrases)  # fail on a bad phrase or an unwritable path before loading anything
     claim_file(out, "image", "--out")
-    pipeline = load_pipeline(checkpoint, config, overrides, print_config,
-                             num=num, seed=seed, steps=steps, sampler=sampler, guidance=guidance)
-    s = pipeline.config.sample
-    write_grid(out, _drawn_in_chunks(pipeline, phrases), s.num)
+    model = load_model(checkpoint, config, overrides, print_config,
+                       num=num, seed=seed, steps=steps, sampler=sampler, guidance=guidance)
+    s = model.config.sample
+    write_grid(out, _drawn_in_chunks(model, phrases), s.num)
     typer.echo(f"wrote {out} ({s.num} images, {s.sampler} {s.steps} steps, guidance {s.guidance}, seed {s.seed})")
 
 
-def _drawn_in_chunks(pipeline, phrases: list[str]):
+def _drawn_in_chunks(model, phrases: list[str]):
     """The images of ``sample``, GRID_CHUNK at a time: memory is one chunk, whatever --num (image
     i comes from seed + i in any chunk, so the grid is the one a single call draws)."""
     import warnings
 
     from clevrgen.errors import ClevrgenWarning
 
-    s = pipeline.config.sample
+    s = model.config.sample
     chunk = -(-max(s.batch_size, GRID_CHUNK) // 8) * 8  # whole grid rows
     for start in range(0, s.num, chunk):
         end = min(start + chunk, s.num)
         with warnings.catch_warnings():
             if start:  # a large scene is warned about once
                 warnings.simplefilter("ignore", ClevrgenWarning)
-            images = pipeline.generate([phrases] * (end - start), list(range(s.seed + start, s.seed + end)),
-                                       description=f"sampling {start + 1}-{end} of {s.num}" if s.num > chunk
-                                       else "sampling")
+            images = model.generate([phrases] * (end - start), list(range(s.seed + start, s.seed + end)),
+                                    description=f"sampling {start + 1}-{end} of {s.num}" if s.num > chunk
+                                    else "sampling")
         yield images
