@@ -311,3 +311,17 @@ def test_an_edit_draws_bit_for_bit_what_the_editors_own_loop_drew():
     edited = pipe(scenes, image=source, image_guidance_scale=image_guidance, guidance_scale=guidance,
                   num_inference_steps=3, seed=3, output_type="latent").images
     assert torch.equal(x.clamp(-1.0, 1.0), edited)
+
+
+def test_the_shipped_editor_is_the_shipped_generator_with_a_source_and_small():
+    from clevrgen.artifact import SHIPPED_EDITOR, SHIPPED_MODEL, load_artifact
+
+    if not (SHIPPED_EDITOR / "config.toml").is_file():
+        pytest.skip("no shipped editor")
+    size = sum(p.stat().st_size for p in SHIPPED_EDITOR.rglob("*") if p.is_file())
+    assert size <= 30 * 2**20
+    editor, config = load_artifact(SHIPPED_EDITOR)  # checked against SHA256SUMS
+    _, generator_config = load_artifact(SHIPPED_MODEL)
+    assert editor.is_editor and config.model.source_image
+    assert config.model.model_copy(update={"source_image": False}) == generator_config.model
+    assert editor.unet.dtype == torch.float16

@@ -277,6 +277,8 @@ def _check_architecture(unet_dir: Path, saved: dict, cfg: ModelConfig) -> None:
 
 SHIPPED_MODEL = ASSETS / "model"
 """The generator shipped with the package: a run folder's artifact with fp16 weights."""
+SHIPPED_EDITOR = SHIPPED_MODEL.parent / "editor"
+"""The editor shipped with the package (``clevrgen edit``): a model folder with fp16 weights."""
 
 
 def resolve_checkpoint(checkpoint: Path | str | None) -> Path:
@@ -292,13 +294,15 @@ def resolve_checkpoint(checkpoint: Path | str | None) -> Path:
 
 
 def is_shipped(run_dir: Path) -> bool:
-    return Path(run_dir).resolve() == SHIPPED_MODEL.resolve()
+    """Whether ``run_dir`` is one of the models that ship in the package (checked against SHA256SUMS)."""
+    return Path(run_dir).resolve() in (SHIPPED_MODEL.resolve(), SHIPPED_EDITOR.resolve())
 
 
 def describe_model(run_dir: Path) -> str:
     """One line naming the model a command uses and what it was trained on."""
     record = training_data_of(run_dir)
-    name = "the shipped model" if is_shipped(run_dir) else str(run_dir)
+    shipped = {SHIPPED_MODEL.resolve(): "the shipped model", SHIPPED_EDITOR.resolve(): "the shipped editor"}
+    name = shipped.get(Path(run_dir).resolve(), str(run_dir))
     stages = record.get("stages") or []
     steps = (f"{describe_chain(stages)} in {len(stages)} stages" if len(stages) > 1
              else f"{record['steps']} steps" if record.get("steps") else None)

@@ -23,13 +23,11 @@ from clevrgen.labels import PHRASES
 
 MAX_OBJECTS = 5
 """The most objects a scene may hold after an edit (the renderer's and the vocabulary's limit)."""
-SHIPPED_EDITOR = Path(__file__).resolve().parent / "assets" / "editor"
-"""The editor shipped with the package, once one is trained: a model folder with fp16 weights."""
 
 
 def resolve_editor(checkpoint: Path | str | None) -> Path:
     """The editor a command uses: the shipped one when none is given, else the folder given."""
-    from clevrgen.artifact import resolve_checkpoint
+    from clevrgen.artifact import SHIPPED_EDITOR, resolve_checkpoint
     from clevrgen.errors import CheckpointError
     from clevrgen.filenames import CONFIG_FILE
 
