@@ -324,4 +324,7 @@ def test_the_shipped_editor_is_the_shipped_generator_with_a_source_and_small():
     _, generator_config = load_artifact(SHIPPED_MODEL)
     assert editor.is_editor and config.model.source_image
     assert config.model.model_copy(update={"source_image": False}) == generator_config.model
-    assert editor.unet.dtype == torch.float16
+    from safetensors import safe_open
+
+    with safe_open(str(SHIPPED_EDITOR / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
