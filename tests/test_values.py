@@ -161,11 +161,11 @@ def test_a_stop_during_trainings_evaluation_acts_within_a_step(dataset, tmp_path
     calls = []
     real = LabelConditionedUNet.denoise  # every UNet call, training's and each sampling step's
 
-    def counting(self, x, t, conditioning):
+    def counting(self, x, t, conditioning, source=None):
         calls.append(len(x))
         if torch.is_grad_enabled() is False and len(calls) == 3:  # within the evaluation's sampling
             signal.raise_signal(signal.SIGINT)
-        return real(self, x, t, conditioning)
+        return real(self, x, t, conditioning, source)
 
     monkeypatch.setattr(LabelConditionedUNet, "denoise", counting)
     with pytest.raises(TrainingInterrupted) as err:
