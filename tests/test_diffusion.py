@@ -35,7 +35,7 @@ def trained_run(tmp_path, dataset):
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(dataset):
     cfg = tiny_config("train.label_dropout=0", "train.hflip=false")
     trainer = Trainer(cfg, None, load_iclevr(dataset, progress=False), progress=False)
-    x0, labels = trainer.images[:4].float() / 127.5 - 1, trainer.labels[:4]
+    x0, labels = trainer.data.images[:4].float() / 127.5 - 1, trainer.data.labels[:4]
     from clevrgen.loss import diffusion_loss
 
     def fixed_loss():
@@ -268,11 +268,11 @@ def test_fresh_scenes_fill_part_of_each_batch_and_resume_exactly(tmp_path, datas
     data = load_iclevr(dataset, progress=False)
     cfg = tiny_config("train.steps=3", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.patch_size=2")
     trainer = Trainer(cfg, None, data, progress=False)
-    images, labels = trainer.fresh.draw(step=5)
+    images, labels = trainer.data.fresh.draw(step=5)
     assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
     assert set(labels.sum(1).tolist()) <= {2.0, 3.0}
-    again, _ = trainer.fresh.draw(step=5)
-    assert torch.equal(images, again) and not torch.equal(images, trainer.fresh.draw(step=6)[0])
+    again, _ = trainer.data.fresh.draw(step=5)
+    assert torch.equal(images, again) and not torch.equal(images, trainer.data.fresh.draw(step=6)[0])
 
     straight = train(cfg, tmp_path / "a", data, progress=False)
     train(tiny_config("train.steps=2", "data.fresh=0.5", "data.fresh_objects=[2, 3]", "model.patch_size=2"),
@@ -285,7 +285,7 @@ def test_fresh_scenes_fill_part_of_each_batch_and_resume_exactly(tmp_path, datas
 
 
 def test_draw_batch_puts_fresh_scenes_first():
-    from clevrgen.train import draw_batch
+    from clevrgen.data.batches import draw_batch
 
     cfg = tiny_config("train.label_dropout=0", "train.hflip=false")
     stored = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
@@ -347,7 +347,7 @@ def test_a_run_resumes_on_another_device(trained_run, dataset, capsys):
 
 
 def test_the_classic_ema_updates_all_weights_at_once():
-    from clevrgen.train import make_ema
+    from clevrgen.ema import make_ema
 
     cfg = tiny_config()
     ema = make_ema(build_model(cfg.model), cfg)

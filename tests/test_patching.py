@@ -144,7 +144,7 @@ def test_a_model_trained_in_stages_is_one_curve(tmp_path):
 
 
 def test_the_lr_cools_down_over_the_last_steps():
-    from clevrgen.train import lr_lambda
+    from clevrgen.optim import lr_lambda
 
     f = lr_lambda(warmup=10, steps=100, decay_steps=40, final=0.1)
     assert f(0) == pytest.approx(0.1) and f(30) == 1.0 and f(60) == 1.0
@@ -160,7 +160,7 @@ def test_the_runs_calendar_says_what_falls_due_after_each_step():
     t = TrainConfig(steps=12, log_every=4, eval_every=6, sample_every=12, checkpoint_every=5, snapshot_every=3)
     due = {step: due_after(step, t) for step in range(1, 13)}
     assert [s for s, d in due.items() if d.log] == [4, 6, 8, 12]  # an evaluation is logged
-    assert [s for s, d in due.items() if d.evaluate] == [6, 12]
+    assert [s for s, d in due.items() if d.measure] == [6, 12]
     assert [s for s, d in due.items() if d.sample] == [12]
     assert [s for s, d in due.items() if d.snapshot] == [3, 6, 9, 12]
     assert [s for s, d in due.items() if d.checkpoint] == [5, 10, 12]  # the last step always saves

@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
     ours.update(flops_per_step=flops, achieved_flops_per_second=flops * ours["steps_per_second"],
                 peak_matmul_flops_per_second=peak, peak_dtype="bf16" if device.type == "cuda" else "fp32",
                 mfu=flops * ours["steps_per_second"] / peak)
-    ref = reference_throughput(cfg, trainer.train_set, device, args.ref_seconds, workers)
+    ref = reference_throughput(cfg, trainer.data.train_set, device, args.ref_seconds, workers)
     training = {"clevrgen": ours, "reference": ref, "speedup": ours["images_per_second"] / ref["images_per_second"]}
 
     print("2. evaluation wall time", flush=True)

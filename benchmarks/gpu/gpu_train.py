@@ -41,6 +41,7 @@ from clevrgen.config import load_config  # noqa: E402
 from clevrgen.diffusion import sampling_scheduler  # noqa: E402
 from clevrgen.judge import judge_probs, load_judge, score_predictions  # noqa: E402
 from clevrgen.labels import load_label_sets, multi_hot  # noqa: E402
+from clevrgen.monitor import judge_accuracy  # noqa: E402
 from clevrgen.pipeline import ClevrgenPipeline  # noqa: E402
 from clevrgen.train import Trainer  # noqa: E402
 
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
     device = trainer.device
     judge = load_judge(None, device)
     info = machine(device)
-    print(f"{len(trainer.train_set)} training images on {device}; unpacked in {unpack_s:.1f} s", flush=True)
+    print(f"{len(trainer.data.train_set)} training images on {device}; unpacked in {unpack_s:.1f} s", flush=True)
 
     # (a) train against the clock, scoring the EMA weights every --eval-every minutes of training
     curve, budget, train_s, next_eval = [], args.minutes * 60, 0.0, args.eval_every * 60
@@ -129,7 +130,7 @@ def main(argv=None) -> dict:
                           "images_seen": trainer.step * cfg.train.batch_size, "loss": loss}
                 if not math.isfinite(loss):
                     raise SystemExit(f"error: the loss became non-finite ({loss}) by step {trainer.step}")
-                record.update(trainer.held_out_accuracy(trainer.ema_model()))
+                record.update(judge_accuracy(trainer.ema_model(), cfg, trainer.data.val_set, device, trainer.amp_dtype))
                 curve.append(record)
                 print(record, flush=True)
                 next_eval += args.eval_every * 60
@@ -172,7 +173,7 @@ def main(argv=None) -> dict:
         "issue": 14, "toy": args.toy, "machine": info, "command": command_line(),
         "config": cfg.model_dump(mode="json"),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_images": len(trainer.train_set), "data": str(args.data),
+        "train_images": len(trainer.data.train_set), "data": str(args.data),
         "seconds": {"unpack": round(unpack_s, 2), "first_step_incl_compile": round(first_step_s, 2),
                     "train": round(train_s, 2), "final_eval": round(eval_s, 2), "total": round(total_s, 2)},
         "steps": trainer.step, "images_per_second": round(images_per_second, 1),

@@ -25,7 +25,7 @@ from clevrgen.config import Config, ModelConfig, SampleConfig, load_config
 from clevrgen.config_file import to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.integrity import ASSETS, verify_shipped
-from clevrgen.model import LabelConditionedUNet, build_model, unet_arguments, unet_class
+from clevrgen.model import LabelConditionedUNet, build_model, unet_arguments, unet_class, widen_to_editor
 from clevrgen.inputs import input_file
 from clevrgen.locks import folder_lock
 from clevrgen.output import atomic_write_text
@@ -339,3 +339,27 @@ def latest_run(root: Path = Path("runs")) -> Path:
             f"no trained model found under {root}/: train one with `clevrgen train` or pass --checkpoint RUN"
         )
     return runs[-1]
+
+
+# --- a run's first weights from a saved model (train.init) ---------------------------------------
+def init_from(model: LabelConditionedUNet, cfg: Config) -> dict:
+    """Load the weights of ``cfg.train.init`` into ``model``; returns the run's record of them: the
+    source (``init``) and the source's own chain of stages, to which an export of this run adds it."""
+    try:
+        source = resolve_checkpoint(cfg.train.init)
+        trained, source_cfg = load_artifact(source)
+    except CheckpointError as exc:  # say which setting named the model
+        raise CheckpointError(f"train.init: {exc}") from None
+    # an editor may start from the generator of its architecture (its source channels at zero)
+    widen = cfg.model.source_image and not source_cfg.model.source_image
+    expected = cfg.model.model_copy(update={"source_image": False}) if widen else cfg.model
+    if source_cfg.model != expected:
+        differ = [k for k in type(cfg.model).model_fields if getattr(expected, k) != getattr(source_cfg.model, k)]
+        raise ConfigError([f"train.init: {source} is another architecture "
+                           f"(model.{differ[0]}: {getattr(source_cfg.model, differ[0])!r}, "
+                           f"this config: {getattr(expected, differ[0])!r})"])
+    if widen:
+        widen_to_editor(model, trained)
+    else:
+        model.load_state_dict(trained.state_dict())
+    return {"init": describe_model(source), "stages": training_data_of(source).get("stages", [])}

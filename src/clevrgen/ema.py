@@ -10,15 +10,21 @@ With snapshots of two such averages (``train.ema_sigma_rels``, say [0.05, 0.10])
 many steps, the average of any other length at any snapshot's step is a linear combination of the
 snapshots: the one whose profile is nearest, in least squares, to the wanted profile. That is
 :func:`posthoc_coefficients`; ``clevrgen export RUN --ema-sigma-rel S`` builds such a model.
+
+A run's average is :func:`make_ema`'s: power EMAs, or diffusers' classic EMA of ``train.ema_decay``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from clevrgen.config import Config
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -99,6 +105,18 @@ class PowerEMA:
                              f"{self.sigma_rels}")
         self.updates = int(state["step"])
         self.averages = [[a.clone() for a in average] for average in state["averages"]]
+
+
+def make_ema(model: torch.nn.Module, cfg: Config):
+    """The weights' average: EDM2's power-function EMAs with ``train.ema_sigma_rels`` (the first is
+    the run's artifact; all are kept in snapshots, for a length chosen after training), else a
+    classic EMA of ``train.ema_decay``."""
+    if cfg.train.ema_sigma_rels:
+        return PowerEMA(model.parameters(), cfg.train.ema_sigma_rels)
+    from diffusers.training_utils import EMAModel
+
+    # foreach: one fused update over all weights, not a kernel launch per tensor (on a GPU)
+    return EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup, foreach=True)
 
 
 def check_classic_resume(state) -> None:

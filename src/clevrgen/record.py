@@ -100,3 +100,14 @@ def describe_chain(stages: list[dict]) -> str:
     if len(groups) == 1:
         return " + ".join(groups[0][1]) + " steps"
     return " + ".join(" + ".join(steps) + f" steps of {size}" for size, steps in groups)
+
+
+def resumed_record(record: dict, run_dir: Path) -> dict:
+    """A resumed run's ``record`` (of its data and this machine) with what its saved record says of
+    its weights: the init source and stages, and the machines it ran on before. The checkpoint
+    holds the weights: the init source is neither read nor needed."""
+    saved = training_data_of(run_dir)
+    record = {**record, **{k: saved[k] for k in ("init", "stages") if k in saved}}
+    if saved.get("machine") and not saved["machine"].endswith(record["machine"]):
+        record["machine"] = f"{saved['machine']}, then {record['machine']}"
+    return record

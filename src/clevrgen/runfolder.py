@@ -1,5 +1,6 @@
-"""A run folder's bookkeeping: where its numbers go (``metrics.jsonl``, TensorBoard), its
-resumable state (``state.pt``) and what a failure left of it.
+"""A run folder's bookkeeping: where its numbers go (``metrics.jsonl``, TensorBoard), the loss
+window each record sums up (``LossWindow``), its resumable state (``state.pt``) and what a
+failure left of it.
 
     RUN/config.toml        the resolved config          RUN/state.pt       the resumable state
     RUN/metrics.jsonl      the record                   RUN/snapshots/     EMA weights of past steps
@@ -10,16 +11,21 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from clevrgen.errors import UsageError
+from clevrgen.errors import ClevrgenError, UsageError
 from clevrgen.filenames import (  # noqa: F401  (SNAPSHOTS_DIR: the run folder's names, used by callers)
     METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, TENSORBOARD_DIR)
 from clevrgen.inputs import input_file
 from clevrgen.output import append_jsonl, atomic_write_bytes, atomic_write_text
 
+if TYPE_CHECKING:
+    from clevrgen.runtime import Distributed
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_second": "train/images_per_second",
                     "val_loss": "eval/held_out_loss"}
 """metrics.jsonl keys as TensorBoard tags; the rest (judge accuracies) go under eval/."""
@@ -69,6 +75,52 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class LossWindow:
+    """The steps since the last log record: their loss, summed on the device (no step waits for
+    it), how many they were, the images they drew (all ranks) and when the window opened. Its
+    loss and steps are part of the checkpoint, so a resumed window logs exactly."""
+
+    def __init__(self, run_dir: Path, device: torch.device):
+        self.run_dir, self.device = run_dir, device
+        self.loss, self.steps = torch.zeros((), device=device), 0
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.images += images
+
+    def mean_loss(self, dist: Distributed, step: int) -> float:
+        """The window's mean loss over all ranks (so every rank logs, and stops, on the same
+        value), refusing a non-finite one: no checkpoint ever holds weights a NaN has touched."""
+        loss = (dist.mean(self.loss) / self.steps).item()  # the loop's one wait for the device
+        if not math.isfinite(loss):
+            raise ClevrgenError(f"the loss became non-finite ({loss}) by step {step}; "
+                                f"{checkpoint_note(self.run_dir, kept=True)}. Try a lower train.lr or "
+                                "train.precision='fp32'.")
+        return loss
+
+    def record(self, step: int, loss: float, lr: float) -> dict:
+        """The log record of the window: the step, its mean loss, the lr and the speed."""
+        seconds = time.perf_counter() - self.start
+        return {"step": step, "loss": loss, "lr": lr, "images_per_second": self.images / seconds}
+
+    def start_clock(self) -> None:
+        """Time the window from now (as a run starts: a resumed window keeps its loss and steps)."""
+        self.start, self.images = time.perf_counter(), 0
+
+    def restart(self) -> None:
+        """Open the next window."""
+        self.loss, self.steps = torch.zeros((), device=self.device), 0
+        self.start_clock()
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss.detach().cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss, self.steps = state["loss"].to(self.device), int(state["steps"])
 
 
 def require_tensorboard() -> None:

@@ -59,7 +59,7 @@ def train(
     claim_folder(run_dir, "run") if resume is None else check_writable(run_dir, folder=True)
     resolve_device(cfg.train.device)
     if cfg.train.tensorboard:
-        from clevrgen.train import require_tensorboard
+        from clevrgen.runfolder import require_tensorboard
 
         require_tensorboard()
     with run_lock(run_dir, enabled=is_rank_zero()):  # a second writer of run_dir fails here, at once
