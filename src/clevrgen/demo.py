@@ -1,10 +1,12 @@
-"""The local web page of ``clevrgen demo``: pick objects, press Draw, look at the images.
+"""The local web page of ``clevrgen demo``: pick objects, press Draw, look at the images; or add
+an object to a scene (uploaded, or the last one drawn) with the editor.
 
-The drawing half (:func:`page_scene`, :func:`page_settings`, :func:`draw`, :func:`judge_readings`)
-needs no Gradio: it is ``ClevrgenPipeline``'s one call with :mod:`clevrgen.callbacks`' step callbacks,
-the first image's denoising strip (``denoise-strip``'s) and the progress. :func:`build_demo` puts a
-Gradio page on it and :func:`serve` serves that page on 127.0.0.1 only (no share link, no
-analytics: nothing leaves the machine).
+The drawing half (:func:`page_scene`, :func:`page_settings`, :func:`draw`, :func:`judge_readings`,
+:func:`add_to_scene`) needs no Gradio: it is ``ClevrgenPipeline``'s one call with
+:mod:`clevrgen.callbacks`' step callbacks, the first image's denoising strip (``denoise-strip``'s)
+and the progress; an addition is ``clevrgen edit``'s. :func:`build_demo` puts a Gradio page on it
+and :func:`serve` serves that page on 127.0.0.1 only (no share link, no analytics: nothing leaves
+the machine).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ STRIP_FRAMES = 10
 HOST = "127.0.0.1"
 # How the page names the values the CLI's messages blame on an option.
 PAGE_FIELDS = {"num": "the Images field", "seed": "the Seed field", "steps": "the Steps field",
-               "guidance": "the Guidance field"}
+               "guidance": "the Guidance field", "image_guidance": "the Image guidance field"}
 
 
 # --- what the page asks for, checked as the CLI checks it ---------------------------------------
@@ -104,6 +106,37 @@ def draw(model: "LoadedModel", scene: Sequence[str], sample: "SampleConfig", fra
     return Drawing(list(scene), s, images, strip.images()[0], time.perf_counter() - start, said)
 
 
+@dataclass
+class Addition:
+    """What one press of Add made: ``before`` (the source's objects, the user's or the judge's
+    reading) and ``objects`` (after), the source and the edited image (uint8 [3, 64, 64])."""
+
+    before: list[str]
+    read_by_judge: bool
+    objects: list[str]
+    sample: "SampleConfig"
+    source: "torch.Tensor"
+    image: "torch.Tensor"
+    seconds: float
+
+
+def add_to_scene(editor: "LoadedModel", source: "torch.Tensor", has: Sequence[str], added: str, sample: "SampleConfig",
+                 judge=None, on_step: Callable[[int, int], None] | None = None) -> Addition:
+    """``clevrgen edit``'s one edit: ``added`` put into ``source`` (uint8 [3, 64, 64]) whose objects
+    are ``has`` (empty: the judge reads them from the image, and says so in ``read_by_judge``),
+    drawn from ``sample.seed``; ``on_step(done, total)`` counts the steps."""
+    from clevrgen.editing import check_addition, draw_edits, scene_objects
+    from clevrgen.labels import multi_hot
+
+    present = scene_objects(source, list(has) or None, judge)
+    objects = check_addition(present.phrases, added)
+    start = time.perf_counter()
+    image = draw_edits(editor.pipe, source[None], multi_hot([objects]), [sample.seed], sample.steps, sample.guidance,
+                       sample.image_guidance, 1, progress=False, on_step=on_step)[0]
+    return Addition(present.phrases, present.read_by_judge, objects, sample, source, image,
+                    time.perf_counter() - start)
+
+
 def judge_readings(judge, images: "torch.Tensor", scene: Sequence[str]) -> list[dict]:
     """The shipped judge's reading of each image: the objects it sees (probability above 0.5,
     most certain first) and the asked-for objects it does not see, with its probabilities. For
@@ -159,9 +192,11 @@ def _row(frames: "torch.Tensor"):
     return _pil(make_grid(frames, nrow=len(frames), padding=2, pad_value=255)[None])[0]
 
 
-def build_demo(model: "LoadedModel", judge_path: Path | None = None):
-    """The demo page (a ``gr.Blocks``) drawing with ``model``'s pipeline; ``judge_path``: the judge
-    whose reading the page may show (None: the shipped judge), loaded on first use."""
+def build_demo(model: "LoadedModel", judge_path: Path | None = None, editor_path: Path | None = None):
+    """The demo page (a ``gr.Blocks``) drawing with ``model``'s pipeline and adding objects with
+    the editor of ``editor_path`` (None: the shipped editor; a page without one says so in its
+    tab); ``judge_path``: the judge whose reading the page may show (None: the shipped judge),
+    loaded on first use."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -179,6 +214,16 @@ def build_demo(model: "LoadedModel", judge_path: Path | None = None):
 
             judges.append(load_judge(judge_path, model.device))
         return judges[0]
+
+    try:
+        from clevrgen.editing import resolve_editor
+        from clevrgen.loaded import LoadedModel
+
+        editor, no_editor = LoadedModel.load(resolve_editor(editor_path)), None
+        if not editor.config.model.source_image:
+            editor, no_editor = None, f"{editor.run_dir} is a generator, not an editor (model.source_image)"
+    except ClevrgenError as exc:
+        editor, no_editor = None, str(exc)
 
     def add_object(text: str, color: str, shape: str) -> str:
         return ", ".join([*typed_phrases(text), f"{color} {shape}"])
@@ -202,52 +247,119 @@ def build_demo(model: "LoadedModel", judge_path: Path | None = None):
         return (list(zip(_pil(result.images), captions)), _row(result.strip), status,
                 reading_table(readings, sample.seed) if readings else "")
 
+    def on_add(picture, has, color, shape, seed, steps, guidance, image_guidance, progress=gr.Progress()):
+        import torch
+
+        from clevrgen.editing import scene_tensor
+
+        try:
+            if editor is None:
+                raise UsageError(f"no editor to add with: {no_editor}")
+            if picture is None:
+                raise UsageError("no scene to add to: upload an image, or take the last drawn one")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ClevrgenWarning)
+                source = scene_tensor(picture, "the scene")
+            sample = page_settings(editor, seed=seed, steps=steps, guidance=guidance, image_guidance=image_guidance)
+            present = page_scene(has) if typed_phrases(has) else []
+            done = add_to_scene(editor, source, present, f"{color} {shape}", sample,
+                                judge=None if present else the_judge(),
+                                on_step=lambda d, t: progress((d, t), desc="adding", unit="steps"))
+        except ClevrgenError as exc:
+            raise gr.Error(html.escape(str(exc), quote=False), duration=None, print_exception=False) from None
+        said = [str(w.message) for w in caught if issubclass(w.category, ClevrgenWarning)]
+        for message in said:
+            gr.Warning(message)
+        read = (f"The shipped judge read in the scene: {', '.join(done.before)} (not right? type the scene's "
+                "objects above). " if done.read_by_judge else "")
+        status = (f"{read}Added {done.objects[-1]}: {', '.join(done.objects)}; {sample.sampler} {sample.steps} steps, "
+                  f"guidance {sample.guidance:g}, image guidance {sample.image_guidance:g}, seed {sample.seed}, "
+                  f"{done.seconds:.1f} s")
+        status += "".join(f"\n\n**note:** {m}" for m in said)
+        images = _pil(torch.stack([done.source, done.image]))
+        return [(images[0], "before: " + ", ".join(done.before)), (images[1], "after: + " + done.objects[-1])], status
+
+    def take_last(gallery):
+        if not gallery:
+            raise gr.Error("nothing drawn yet: draw a scene first, or upload one", print_exception=False)
+        return gallery[0][0]
+
     with gr.Blocks(title="clevrgen demo", analytics_enabled=False) as page:
         gr.Markdown(f"## clevrgen: phrases in, 64×64 scenes out\nModel: {describe_model(model.run_dir)}; "
                     f"{s.sampler} sampler on {model.device.type}."
                     + (f" It was trained on scenes of at most {trained_on} objects." if trained_on else ""))
-        with gr.Row():
-            with gr.Column(scale=2):
-                objects = gr.Textbox(label=f"Objects (1 to {MAX_OBJECTS}, separated by commas)", elem_id="objects",
-                                     value="red sphere, cyan cube", placeholder="red sphere, cyan cube",
-                                     info=f"<color> <shape>: colors {', '.join(COLORS)}; shapes {', '.join(SHAPES)}")
-                with gr.Row():
-                    color = gr.Dropdown(list(COLORS), value=COLORS[1], label="Color", min_width=80)
-                    shape = gr.Dropdown(list(SHAPES), value=SHAPES[1], label="Shape", min_width=80)
-                with gr.Row():
-                    add = gr.Button("Add this object", size="sm")
-                    clear = gr.Button("Clear", size="sm")
-                # No minimum / maximum on the fields: the CLI's checks (page_settings) give the messages.
-                with gr.Row():
-                    num = gr.Number(s.num, label="Images", precision=0, info=_range("num"), elem_id="num")
-                    seed = gr.Number(s.seed, label="Seed", precision=0, info="image i: seed + i", elem_id="seed")
-                with gr.Row():
-                    steps = gr.Number(s.steps, label="Steps", precision=0, info=_range("steps", most_steps),
-                                      elem_id="steps")
-                    guidance = gr.Number(s.guidance, label="Guidance", info=_range("guidance"), elem_id="guidance")
-                show_judge = gr.Checkbox(False, label="Show the shipped judge's reading of each image",
-                                         elem_id="judge")
-                go = gr.Button("Draw", variant="primary", elem_id="draw")
-            with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png", object_fit="contain",
+        with gr.Tab("Draw a scene"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    objects = gr.Textbox(label=f"Objects (1 to {MAX_OBJECTS}, separated by commas)", elem_id="objects",
+                                         value="red sphere, cyan cube", placeholder="red sphere, cyan cube",
+                                         info=f"<color> <shape>: colors {', '.join(COLORS)}; shapes {', '.join(SHAPES)}")
+                    with gr.Row():
+                        color = gr.Dropdown(list(COLORS), value=COLORS[1], label="Color", min_width=80)
+                        shape = gr.Dropdown(list(SHAPES), value=SHAPES[1], label="Shape", min_width=80)
+                    with gr.Row():
+                        add = gr.Button("Add this object", size="sm")
+                        clear = gr.Button("Clear", size="sm")
+                    # No minimum / maximum on the fields: the CLI's checks (page_settings) give the messages.
+                    with gr.Row():
+                        num = gr.Number(s.num, label="Images", precision=0, info=_range("num"), elem_id="num")
+                        seed = gr.Number(s.seed, label="Seed", precision=0, info="image i: seed + i", elem_id="seed")
+                    with gr.Row():
+                        steps = gr.Number(s.steps, label="Steps", precision=0, info=_range("steps", most_steps),
+                                          elem_id="steps")
+                        guidance = gr.Number(s.guidance, label="Guidance", info=_range("guidance"), elem_id="guidance")
+                    show_judge = gr.Checkbox(False, label="Show the shipped judge's reading of each image",
+                                             elem_id="judge")
+                    go = gr.Button("Draw", variant="primary", elem_id="draw")
+                with gr.Column(scale=3):
+                    gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png", object_fit="contain",
+                                         elem_classes="pixels")
+                    gr.Markdown("The first image from noise to the end (its denoising strip):")
+                    strip = gr.Image(type="pil", format="png", interactive=False, show_label=False, elem_id="strip",
                                      elem_classes="pixels")
-                gr.Markdown("The first image from noise to the end (its denoising strip):")
-                strip = gr.Image(type="pil", format="png", interactive=False, show_label=False, elem_id="strip",
-                                 elem_classes="pixels")
-                status = gr.Markdown(label="what was drawn", elem_id="status")
-                readings = gr.Markdown(label="the judge's reading", elem_id="readings")
+                    status = gr.Markdown(label="what was drawn", elem_id="status")
+                    readings = gr.Markdown(label="the judge's reading", elem_id="readings")
+        with gr.Tab("Add an object"):
+            gr.Markdown("The editor puts one more object into a scene and keeps the rest: "
+                        + (f"{describe_model(editor.run_dir)}." if editor else f"**not available here**: {no_editor}."))
+            with gr.Row():
+                with gr.Column(scale=2):
+                    scene = gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard"], elem_id="scene",
+                                     label="The scene (a PNG, resized to 64x64)", elem_classes="pixels", height=192)
+                    take = gr.Button("Take the first image drawn last", size="sm")
+                    has = gr.Textbox(label="Objects already in the scene (empty: the shipped judge reads them)",
+                                     placeholder="cyan cube, gray sphere", elem_id="has")
+                    with gr.Row():
+                        add_color = gr.Dropdown(list(COLORS), value=COLORS[1], label="Add: color", min_width=80)
+                        add_shape = gr.Dropdown(list(SHAPES), value=SHAPES[1], label="Add: shape", min_width=80)
+                    e = editor.config.sample if editor else s
+                    with gr.Row():
+                        edit_seed = gr.Number(e.seed, label="Seed", precision=0)
+                        edit_steps = gr.Number(e.steps, label="Steps", precision=0)
+                    with gr.Row():
+                        edit_guidance = gr.Number(e.guidance, label="Guidance", info=_range("guidance"))
+                        image_guidance = gr.Number(e.image_guidance, label="Image guidance", info=_range("image_guidance"))
+                    go_add = gr.Button("Add", variant="primary", elem_id="add", interactive=editor is not None)
+                with gr.Column(scale=3):
+                    edited = gr.Gallery(label="Before and after", columns=2, height="auto", format="png",
+                                        object_fit="contain", elem_classes="pixels")
+                    edit_status = gr.Markdown(elem_id="edit_status")
         add.click(add_object, [objects, color, shape], objects, queue=False, api_name=False)
         clear.click(lambda: "", None, objects, queue=False, api_name=False)
         # One drawing at a time (the default): the pipeline's scheduler holds the state of a call.
         go.click(on_draw, [objects, num, seed, steps, guidance, show_judge], [gallery, strip, status, readings],
                  api_name="draw")
+        take.click(take_last, gallery, scene, queue=False, api_name=False)
+        go_add.click(on_add, [scene, has, add_color, add_shape, edit_seed, edit_steps, edit_guidance, image_guidance],
+                     [edited, edit_status], api_name="add")
     return page
 
 
-def serve(model: "LoadedModel", port: int, judge_path: Path | None = None, block: bool = True):
+def serve(model: "LoadedModel", port: int, judge_path: Path | None = None, block: bool = True,
+          editor_path: Path | None = None):
     """Serve the demo page on 127.0.0.1:``port``; with ``block``, until Ctrl-C or SIGTERM (which
     propagate, the server closed). Returns the page (``.close()`` stops it)."""
-    page = build_demo(model, judge_path)
+    page = build_demo(model, judge_path, editor_path)
     try:
         page.queue().launch(server_name=HOST, server_port=port, share=False, inbrowser=False, css=CSS,
                             prevent_thread_lock=True, quiet=True, footer_links=["api"])
