@@ -98,6 +98,47 @@ def test_an_addition_is_the_edit_commands_one_edit(tiny_editor):
         page_settings(tiny_editor, image_guidance=-1)
 
 
+def test_the_page_asks_for_bounded_work_and_a_drawing_stops_within_a_step(tiny_run, monkeypatch):
+    from clevrgen import demo
+    from clevrgen.callbacks import SamplingStopped
+
+    with pytest.raises(UsageError, match=r"^the Images field: the page draws at most 32 images at a time"):
+        page_settings(tiny_run, num=33)  # the CLI's range allows 100,000
+    monkeypatch.setitem(demo.PAGE_LIMITS, "steps", 10)
+    with pytest.raises(UsageError, match=r"^the Steps field: the page draws at most 10 steps"):
+        page_settings(tiny_run, steps=11)
+    s = page_settings(tiny_run, num=4, steps=10)
+    counted = []
+    with pytest.raises(SamplingStopped):
+        draw(tiny_run, ["red sphere"], s, on_step=lambda d, t: counted.append(d), should_stop=lambda: len(counted) >= 3)
+    assert len(counted) == 3  # one batch of 4 images: three steps, then it stopped
+
+
+def test_a_closed_pages_drawings_stop_and_a_stopping_server_waits_for_them():
+    import threading
+
+    from clevrgen.demo_page import Drawings
+
+    drawings = Drawings()
+    gone, kept = drawings.should_stop("a"), drawings.should_stop("b")
+    drawings.leave("a")
+    assert gone() and not kept()
+    ended = []
+
+    def drawing():
+        with drawings:
+            while not kept():
+                pass
+            ended.append(True)
+
+    worker = threading.Thread(target=drawing)
+    with drawings:  # held while the worker starts, so that stop() finds one running
+        worker.start()
+    drawings.stop(wait_s=10)
+    assert ended == [True] and kept() and drawings.running == 0
+    worker.join()
+
+
 def test_without_gradio_the_command_says_how_to_install_it(runner, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
     result = runner.invoke(app, ["demo"])
@@ -117,7 +158,7 @@ def test_the_served_page_draws_and_survives_bad_input(tiny_run, tmp_path, monkey
     client_lib = pytest.importorskip("gradio_client")
     from PIL import Image
 
-    from clevrgen.demo import serve
+    from clevrgen.demo_page import serve
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     port = free_port()
@@ -141,6 +182,16 @@ def test_the_served_page_draws_and_survives_bad_input(tiny_run, tmp_path, monkey
                                                      api_name="/draw")
         assert len(gallery) == 1 and "model was trained on images of at most 3" in status
         assert reading.startswith("**The shipped judge's reading**") and "| 1 | 3 |" in reading
+        with pytest.raises(client_lib.exceptions.AppError, match="at most 32 images"):
+            client.predict("red sphere", 100_000, 0, 4, 2.0, False, api_name="/draw")
+        # only requests addressed to this machine's names (no DNS rebinding)
+        import urllib.error
+        import urllib.request
+
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/").status == 200
+        foreign = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": f"rebound.example:{port}"})
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(foreign)
     finally:
         page.close()
 
@@ -150,7 +201,7 @@ def test_the_served_page_adds_an_object_and_survives_bad_input(tiny_run, tiny_ed
     client_lib = pytest.importorskip("gradio_client")
     from PIL import Image
 
-    from clevrgen.demo import serve
+    from clevrgen.demo_page import serve
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     scene = tmp_path / "scene.png"
@@ -184,10 +235,49 @@ def test_the_served_page_adds_an_object_and_survives_bad_input(tiny_run, tiny_ed
 
 def test_a_busy_port_is_one_line(tiny_run):
     pytest.importorskip("gradio")
-    from clevrgen.demo import serve
+    from clevrgen.demo_page import serve
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(UsageError, match="choose another port with --port"):
             serve(tiny_run, taken.getsockname()[1], block=False)
+
+
+def test_sigterm_while_drawing_stops_the_drawing_and_exits_143(tmp_path):
+    """A SIGTERM lands while the page draws a long request: the drawing ends within a step and
+    the command exits 143 with its message (not 134, "terminate called without an active exception")."""
+    pytest.importorskip("gradio")
+    client_lib = pytest.importorskip("gradio_client")
+    import os
+    import signal
+    import subprocess
+    import time
+
+    cfg = load_config(None, [*TINY, "model.patch_size=2", "diffusion.num_train_timesteps=1000"])
+    save_artifact(build_model(cfg.model).eval(), cfg, tmp_path / "run", {"max_objects": 3})
+    port = free_port()
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    server = subprocess.Popen([sys.executable, "-m", "clevrgen", "demo", "--checkpoint", str(tmp_path / "run"),
+                               "--port", str(port), "--set", "sample.batch_size=1"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            try:
+                client = client_lib.Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                time.sleep(0.25)
+        job = client.submit("red sphere", 32, 0, 250, 2.0, False, api_name="/draw")  # 8,000 steps, one at a time
+        while not (job.status().progress_data or job.done()):
+            time.sleep(0.1)
+        assert not job.done()
+        server.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        output, _ = server.communicate(timeout=60)
+        stopped_s = time.monotonic() - start
+    finally:
+        server.kill()
+    assert server.returncode == 143, output
+    assert stopped_s < 8, f"{stopped_s:.1f} s from SIGTERM to exit"  # the drawing: thousands of steps
+    assert "stopped the demo" in output and "terminate called" not in output

@@ -119,13 +119,15 @@ def check_addition(present: Sequence[str], added: str) -> list[str]:
 # --- drawing edits -------------------------------------------------------------------------
 def draw_edits(pipe, sources: torch.Tensor, labels: torch.Tensor, seeds: Sequence[int], steps: int,
                guidance: float, image_guidance: float, batch_size: int, progress: bool = True,
-               description: str = "editing", on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               description: str = "editing", on_step: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """uint8 [N, 3, 64, 64]: source i (uint8 [N, 3, 64, 64]) drawn with the objects of
-    ``labels[i]`` from seed ``seeds[i]``, with a rich progress bar (and ``on_step(done, total)``
-    counting image-steps)."""
+    ``labels[i]`` from seed ``seeds[i]``, with a rich progress bar (and :class:`StepProgress`'
+    ``on_step`` and ``should_stop``)."""
     from clevrgen.callbacks import StepProgress
 
-    with StepProgress(len(seeds) * steps, description, enabled=progress, on_step=on_step) as bar:
+    with StepProgress(len(seeds) * steps, description, enabled=progress, on_step=on_step,
+                      should_stop=should_stop) as bar:
         return pipe(labels=labels, image=sources, seed=list(seeds), num_inference_steps=steps, guidance_scale=guidance,
                     image_guidance_scale=image_guidance, output_type="uint8", callback_on_step_end=bar,
                     batch_size=batch_size).images

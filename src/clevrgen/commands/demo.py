@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,7 +40,7 @@ def demo(
     except ImportError:
         raise UsageError("the demo needs Gradio, an optional extra: pip install 'clevrgen[demo]'") from None
     from clevrgen.commands._options import load_model
-    from clevrgen.demo import HOST, serve
+    from clevrgen.demo_page import HOST, serve
     from clevrgen.runtime import StopSignal
 
     model = load_model(checkpoint, config, overrides, print_config)
@@ -47,4 +49,9 @@ def demo(
         serve(model, port, editor_path=editor)
     except (KeyboardInterrupt, StopSignal) as exc:
         typer.echo("stopped the demo")
-        raise typer.Exit(143 if isinstance(exc, StopSignal) else 130) from None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # serve() has stopped the drawings and closed the server: nothing is left to write. The
+        # interpreter's own teardown of Gradio's and torch's threads takes 10-15 s, and aborted
+        # (134, "terminate called without an active exception") when a drawing was in hand.
+        os._exit(143 if isinstance(exc, StopSignal) else 130)
