@@ -39,6 +39,9 @@ TINY = [
 ]
 # TINY's UNet with per-object tokens: a UNet2DConditionModel attending at its two lower levels.
 TOKENS = ["model.cross_attention=[false, true, true]", "model.token_dim=16", "model.cross_attention_head_dim=8"]
+EDITOR = [*TINY, *TOKENS, "model.patch_size=2", "model.source_image=true", "model.block_out_channels=[8, 16]",
+          "model.attention=[false, true]", "model.cross_attention=[false, true]"]
+"""A tiny editor (issue 47): the source image as more input channels."""
 
 
 def drawn(model, scheduler, labels, seeds, steps: int, guidance: float = 1.0) -> torch.Tensor:

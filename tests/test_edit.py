@@ -6,10 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, TOKENS
-
-EDITOR = [*TINY, *TOKENS, "model.patch_size=2", "model.source_image=true", "model.block_out_channels=[8, 16]",
-          "model.attention=[false, true]", "model.cross_attention=[false, true]"]
+from conftest import EDITOR
 
 
 def _config(extra=()):

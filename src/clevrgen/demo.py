@@ -1,25 +1,23 @@
-"""The local web page of ``clevrgen demo``: pick objects, press Draw, look at the images.
+"""What the page of ``clevrgen demo`` does, without Gradio: pick objects, press Draw, look at the
+images; or add an object to a scene (uploaded, or the last one drawn) with the editor.
 
-The drawing half (:func:`page_scene`, :func:`page_settings`, :func:`draw`, :func:`judge_readings`)
-needs no Gradio: it is ``ClevrgenPipeline``'s one call with :mod:`clevrgen.callbacks`' step callbacks,
-the first image's denoising strip (``denoise-strip``'s) and the progress. :func:`build_demo` puts a
-Gradio page on it and :func:`serve` serves that page on 127.0.0.1 only (no share link, no
-analytics: nothing leaves the machine).
+:func:`page_scene` and :func:`page_settings` check what the page asks for as the CLI checks it;
+:func:`draw` is ``ClevrgenPipeline``'s one call with :mod:`clevrgen.callbacks`' step callbacks (the
+first image's denoising strip, ``denoise-strip``'s, and the progress); :func:`add_to_scene` is
+``clevrgen edit``'s one edit; :func:`judge_readings` what the judge sees. The page itself (Gradio)
+is :mod:`clevrgen.demo_page`.
 """
 
 from __future__ import annotations
 
-import html
-import os
 import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clevrgen.errors import ClevrgenError, ClevrgenWarning, PhraseError, UsageError
+from clevrgen.errors import ClevrgenWarning, PhraseError, UsageError
 from clevrgen.labels import PHRASES, parse_phrases
 
 if TYPE_CHECKING:
@@ -34,9 +32,12 @@ generalization splits (docs/generalization.md) measure it up to 5."""
 STRIP_FRAMES = 10
 """Frames of the first image's denoising strip, noise first (as ``denoise-strip``'s default)."""
 HOST = "127.0.0.1"
+PAGE_LIMITS = {"num": 32, "steps": 250}
+"""The most images and steps one press may ask for: the CLI's ranges allow far more (100,000
+images), which a page left drawing after its browser has gone would spend hours on."""
 # How the page names the values the CLI's messages blame on an option.
 PAGE_FIELDS = {"num": "the Images field", "seed": "the Seed field", "steps": "the Steps field",
-               "guidance": "the Guidance field"}
+               "guidance": "the Guidance field", "image_guidance": "the Image guidance field"}
 
 
 # --- what the page asks for, checked as the CLI checks it ---------------------------------------
@@ -65,6 +66,10 @@ def page_settings(model: "LoadedModel", **given: float | int | None) -> "SampleC
     raw["sample"].update(given)
     config = validate_config(raw, source=str(model.run_dir), origins={f"sample.{k}": PAGE_FIELDS[k] for k in given})
     check_sample_steps(config)
+    for name, most in PAGE_LIMITS.items():
+        if getattr(config.sample, name) > most:
+            raise UsageError(f"{PAGE_FIELDS[name]}: the page draws at most {most} {'images' if name == 'num' else 'steps'} "
+                             f"at a time (clevrgen {'sample' if name == 'num' else 'sample --steps'} takes more)")
     return config.sample
 
 
@@ -82,9 +87,10 @@ class Drawing:
 
 
 def draw(model: "LoadedModel", scene: Sequence[str], sample: "SampleConfig", frames: int = STRIP_FRAMES,
-         on_step: Callable[[int, int], None] | None = None) -> Drawing:
+         on_step: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Drawing:
     """``sample.num`` images of ``scene`` and the first one's denoising strip, in one pipeline
-    call. ``on_step(done, total)`` counts image-steps; a scene larger than any the model was
+    call. ``on_step(done, total)`` counts image-steps; when ``should_stop()`` turns true the call
+    ends after the step in hand (``SamplingStopped``); a scene larger than any the model was
     trained on is drawn, and its warning returned in ``Drawing.warnings``."""
     from diffusers.callbacks import MultiPipelineCallbacks
 
@@ -97,11 +103,43 @@ def draw(model: "LoadedModel", scene: Sequence[str], sample: "SampleConfig", fra
     said = [str(w.message) for w in caught if issubclass(w.category, ClevrgenWarning)]
     start = time.perf_counter()
     strip = DenoisingStrip(s.steps, min(frames, s.steps + 1), pipe.prepare_latents(1, seed=s.seed))
-    progress = StepProgress(s.num * s.steps, enabled=False, on_step=on_step)
+    progress = StepProgress(s.num * s.steps, enabled=False, on_step=on_step, should_stop=should_stop)
     images = pipe(labels=labels.expand(s.num, -1), seed=s.seed, num_inference_steps=s.steps,
                   guidance_scale=s.guidance, output_type="uint8", batch_size=s.batch_size,
                   callback_on_step_end=MultiPipelineCallbacks([strip, progress])).images
     return Drawing(list(scene), s, images, strip.images()[0], time.perf_counter() - start, said)
+
+
+@dataclass
+class Addition:
+    """What one press of Add made: ``before`` (the source's objects, the user's or the judge's
+    reading) and ``objects`` (after), the source and the edited image (uint8 [3, 64, 64])."""
+
+    before: list[str]
+    read_by_judge: bool
+    objects: list[str]
+    sample: "SampleConfig"
+    source: "torch.Tensor"
+    image: "torch.Tensor"
+    seconds: float
+
+
+def add_to_scene(editor: "LoadedModel", source: "torch.Tensor", has: Sequence[str], added: str, sample: "SampleConfig",
+                 judge=None, on_step: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Addition:
+    """``clevrgen edit``'s one edit: ``added`` put into ``source`` (uint8 [3, 64, 64]) whose objects
+    are ``has`` (empty: the judge reads them from the image, and says so in ``read_by_judge``),
+    drawn from ``sample.seed``; ``on_step(done, total)`` counts the steps."""
+    from clevrgen.editing import check_addition, draw_edits, scene_objects
+    from clevrgen.labels import multi_hot
+
+    present = scene_objects(source, list(has) or None, judge)
+    objects = check_addition(present.phrases, added)
+    start = time.perf_counter()
+    image = draw_edits(editor.pipe, source[None], multi_hot([objects]), [sample.seed], sample.steps, sample.guidance,
+                       sample.image_guidance, 1, progress=False, on_step=on_step, should_stop=should_stop)[0]
+    return Addition(present.phrases, present.read_by_judge, objects, sample, source, image,
+                    time.perf_counter() - start)
 
 
 def judge_readings(judge, images: "torch.Tensor", scene: Sequence[str]) -> list[dict]:
@@ -130,136 +168,3 @@ def reading_table(readings: list[dict], seed: int) -> str:
     lines += [f"| {i + 1} | {seed + i} | {_listed(r['sees'])} | {_listed(r['misses']) if r['misses'] else '-'} |"
               for i, r in enumerate(readings)]
     return "\n".join(lines)
-
-
-# --- the page ---------------------------------------------------------------------------------------
-CSS = """
-.pixels img { image-rendering: pixelated; }
-"""
-
-
-def _range(name: str, most: float | None = None) -> str:
-    """'1 to 100000': the range of a sample setting as config.py has it (``most``: another upper limit)."""
-    from clevrgen.config import SampleConfig
-
-    bounds = {type(m).__name__: m for m in SampleConfig.model_fields[name].metadata}
-    top = bounds["Le"].le if most is None else min(most, bounds["Le"].le)
-    return f"{bounds['Ge'].ge:g} to {top:g}"
-
-
-def _pil(images: "torch.Tensor"):
-    from PIL import Image
-
-    return [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images]
-
-
-def _row(frames: "torch.Tensor"):
-    from torchvision.utils import make_grid
-
-    return _pil(make_grid(frames, nrow=len(frames), padding=2, pad_value=255)[None])[0]
-
-
-def build_demo(model: "LoadedModel", judge_path: Path | None = None):
-    """The demo page (a ``gr.Blocks``) drawing with ``model``'s pipeline; ``judge_path``: the judge
-    whose reading the page may show (None: the shipped judge), loaded on first use."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
-
-    from clevrgen.artifact import describe_model
-    from clevrgen.labels import COLORS, SHAPES
-
-    s = model.config.sample
-    most_steps = model.config.diffusion.num_train_timesteps  # check_sample_steps' limit
-    trained_on = model.pipe.config.max_objects
-    judges: list = []
-
-    def the_judge():
-        if not judges:
-            from clevrgen.judge import load_judge
-
-            judges.append(load_judge(judge_path, model.device))
-        return judges[0]
-
-    def add_object(text: str, color: str, shape: str) -> str:
-        return ", ".join([*typed_phrases(text), f"{color} {shape}"])
-
-    def on_draw(text, num, seed, steps, guidance, show_judge, progress=gr.Progress()):
-        try:
-            scene = page_scene(text)
-            sample = page_settings(model, num=num, seed=seed, steps=steps, guidance=guidance)
-            progress((0, sample.num * sample.steps), desc="drawing", unit="image-steps")
-            result = draw(model, scene, sample, on_step=lambda d, t: progress((d, t), desc="drawing", unit="image-steps"))
-            readings = judge_readings(the_judge(), result.images, scene) if show_judge else None
-        except ClevrgenError as exc:  # the CLI's message, in the page (which reads it as HTML: "<color>")
-            raise gr.Error(html.escape(str(exc), quote=False), duration=None, print_exception=False) from None
-        for message in result.warnings:
-            gr.Warning(message)
-        captions = [f"seed {sample.seed + i}" for i in range(sample.num)]
-        seeds = f"seed {sample.seed}" + (f" to {sample.seed + sample.num - 1}" if sample.num > 1 else "")
-        status = (f"{sample.num} image{'s' * (sample.num > 1)} of {', '.join(scene)}: {sample.sampler} "
-                  f"{sample.steps} steps, guidance {sample.guidance:g}, {seeds}, {result.seconds:.1f} s")
-        status += "".join(f"\n\n**warning:** {m}" for m in result.warnings)
-        return (list(zip(_pil(result.images), captions)), _row(result.strip), status,
-                reading_table(readings, sample.seed) if readings else "")
-
-    with gr.Blocks(title="clevrgen demo", analytics_enabled=False) as page:
-        gr.Markdown(f"## clevrgen: phrases in, 64×64 scenes out\nModel: {describe_model(model.run_dir)}; "
-                    f"{s.sampler} sampler on {model.device.type}."
-                    + (f" It was trained on scenes of at most {trained_on} objects." if trained_on else ""))
-        with gr.Row():
-            with gr.Column(scale=2):
-                objects = gr.Textbox(label=f"Objects (1 to {MAX_OBJECTS}, separated by commas)", elem_id="objects",
-                                     value="red sphere, cyan cube", placeholder="red sphere, cyan cube",
-                                     info=f"<color> <shape>: colors {', '.join(COLORS)}; shapes {', '.join(SHAPES)}")
-                with gr.Row():
-                    color = gr.Dropdown(list(COLORS), value=COLORS[1], label="Color", min_width=80)
-                    shape = gr.Dropdown(list(SHAPES), value=SHAPES[1], label="Shape", min_width=80)
-                with gr.Row():
-                    add = gr.Button("Add this object", size="sm")
-                    clear = gr.Button("Clear", size="sm")
-                # No minimum / maximum on the fields: the CLI's checks (page_settings) give the messages.
-                with gr.Row():
-                    num = gr.Number(s.num, label="Images", precision=0, info=_range("num"), elem_id="num")
-                    seed = gr.Number(s.seed, label="Seed", precision=0, info="image i: seed + i", elem_id="seed")
-                with gr.Row():
-                    steps = gr.Number(s.steps, label="Steps", precision=0, info=_range("steps", most_steps),
-                                      elem_id="steps")
-                    guidance = gr.Number(s.guidance, label="Guidance", info=_range("guidance"), elem_id="guidance")
-                show_judge = gr.Checkbox(False, label="Show the shipped judge's reading of each image",
-                                         elem_id="judge")
-                go = gr.Button("Draw", variant="primary", elem_id="draw")
-            with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png", object_fit="contain",
-                                     elem_classes="pixels")
-                gr.Markdown("The first image from noise to the end (its denoising strip):")
-                strip = gr.Image(type="pil", format="png", interactive=False, show_label=False, elem_id="strip",
-                                 elem_classes="pixels")
-                status = gr.Markdown(label="what was drawn", elem_id="status")
-                readings = gr.Markdown(label="the judge's reading", elem_id="readings")
-        add.click(add_object, [objects, color, shape], objects, queue=False, api_name=False)
-        clear.click(lambda: "", None, objects, queue=False, api_name=False)
-        # One drawing at a time (the default): the pipeline's scheduler holds the state of a call.
-        go.click(on_draw, [objects, num, seed, steps, guidance, show_judge], [gallery, strip, status, readings],
-                 api_name="draw")
-    return page
-
-
-def serve(model: "LoadedModel", port: int, judge_path: Path | None = None, block: bool = True):
-    """Serve the demo page on 127.0.0.1:``port``; with ``block``, until Ctrl-C or SIGTERM (which
-    propagate, the server closed). Returns the page (``.close()`` stops it)."""
-    page = build_demo(model, judge_path)
-    try:
-        page.queue().launch(server_name=HOST, server_port=port, share=False, inbrowser=False, css=CSS,
-                            prevent_thread_lock=True, quiet=True, footer_links=["api"])
-    except OSError as exc:
-        if "port" not in str(exc).lower():
-            raise
-        raise UsageError(f"cannot serve on {HOST}:{port} (in use, or not allowed): "
-                         "choose another port with --port") from None
-    if block:
-        try:
-            while page.is_running:
-                time.sleep(0.2)
-        finally:
-            page.close()
-    return page

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +41,8 @@ def resolve_editor(checkpoint: Path | str | None) -> Path:
 
 # --- a scene from a file ---------------------------------------------------------------------
 def read_scene(path: Path) -> torch.Tensor:
-    """A scene image as uint8 [3, 64, 64]. RGBA, grey or palette images are converted and
-    another size is resized, each with a note; a file that is not an image is a DataError
-    naming it."""
+    """A scene image file as uint8 [3, 64, 64] (:func:`scene_tensor`'s conversions, each with a
+    note); a missing file or one that is not an image is a DataError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     from clevrgen.inputs import input_file
@@ -54,18 +53,25 @@ def read_scene(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode != "RGB":
-                warn(f"{path}: a {image.mode} image, converted to RGB" + (" (alpha dropped)" if "A" in image.mode else ""))
-                image = image.convert("RGB")
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                warn(f"{path}: {image.size[0]}x{image.size[1]}, resized to {IMAGE_SIZE}x{IMAGE_SIZE} (the editor's size; "
-                     "i-CLEVR's 320x240 renders are squashed as in training)")
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR, reducing_gap=None)
-            import numpy as np
-
-            array = np.asarray(image, dtype=np.uint8).copy()
+            return scene_tensor(image, str(path))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path} is not a readable image ({exc})") from None
+
+
+def scene_tensor(image, name: str) -> torch.Tensor:
+    """A PIL image as the editor's source, uint8 [3, 64, 64]: RGBA, grey or palette images are
+    converted and another size is resized, each with a note naming ``name``."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode != "RGB":
+        warn(f"{name}: a {image.mode} image, converted to RGB" + (" (alpha dropped)" if "A" in image.mode else ""))
+        image = image.convert("RGB")
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        warn(f"{name}: {image.size[0]}x{image.size[1]}, resized to {IMAGE_SIZE}x{IMAGE_SIZE} (the editor's size; "
+             "i-CLEVR's 320x240 renders are squashed as in training)")
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR, reducing_gap=None)
+    array = np.asarray(image, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -113,12 +119,15 @@ def check_addition(present: Sequence[str], added: str) -> list[str]:
 # --- drawing edits -------------------------------------------------------------------------
 def draw_edits(pipe, sources: torch.Tensor, labels: torch.Tensor, seeds: Sequence[int], steps: int,
                guidance: float, image_guidance: float, batch_size: int, progress: bool = True,
-               description: str = "editing") -> torch.Tensor:
+               description: str = "editing", on_step: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """uint8 [N, 3, 64, 64]: source i (uint8 [N, 3, 64, 64]) drawn with the objects of
-    ``labels[i]`` from seed ``seeds[i]``, with a rich progress bar."""
+    ``labels[i]`` from seed ``seeds[i]``, with a rich progress bar (and :class:`StepProgress`'
+    ``on_step`` and ``should_stop``)."""
     from clevrgen.callbacks import StepProgress
 
-    with StepProgress(len(seeds) * steps, description, enabled=progress) as bar:
+    with StepProgress(len(seeds) * steps, description, enabled=progress, on_step=on_step,
+                      should_stop=should_stop) as bar:
         return pipe(labels=labels, image=sources, seed=list(seeds), num_inference_steps=steps, guidance_scale=guidance,
                     image_guidance_scale=image_guidance, output_type="uint8", callback_on_step_end=bar,
                     batch_size=batch_size).images
