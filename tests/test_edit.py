@@ -257,8 +257,15 @@ def test_evaluate_task_edit_scores_the_held_out_pairs(tiny_models, runner, tmp_p
     assert record["task"] == "edit" and record["pairs"] >= 2 and len(record["passes"]) == 2
     for key in ("topk_accuracy", "exact_accuracy", "f1", "source_kept", "psnr", "ssim"):
         assert key in record and key in record["real_pairs"]
-    assert len(record["iterative"]["f1_by_step"]) == 3
+    assert len(record["iterative"]["f1_by_step"]) == 3 and "beyond" not in record
     assert (tmp_path / "ev" / "grid.png").is_file()
+    result = runner.invoke(app, ["evaluate", "--task", "edit", "--checkpoint", str(editor), "--data", str(dataset),
+                                 "--out", str(tmp_path / "ev3"), "--no-iterative", "--beyond"])
+    assert result.exit_code == 0, result.output
+    beyond = json.loads((tmp_path / "ev3" / "results.json").read_text())["beyond"]
+    assert beyond["scenes"] >= 1 and "a fifth object added to" in result.output
+    for name in ("fourth", "fifth"):
+        assert set(beyond[name]) == {"topk_accuracy", "exact_accuracy", "f1", "source_kept", "psnr", "ssim"}
     result = runner.invoke(app, ["evaluate", "--task", "edit", "--checkpoint", str(tiny_models[0]), "--data",
                                  str(dataset), "--out", str(tmp_path / "ev2")])
     assert result.exit_code != 0 and "is a generator" in result.output
@@ -325,3 +332,33 @@ def test_the_shipped_editor_is_the_shipped_generator_with_a_source_and_small():
 
     with safe_open(str(SHIPPED_EDITOR / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
         assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+
+
+def test_beyond_three_adds_a_fourth_then_a_fifth_object_not_yet_in_the_scene():
+    from types import SimpleNamespace
+
+    from clevrgen.config import load_config
+    from clevrgen.data.iclevr import ImageSet
+    from clevrgen.editing import beyond_three
+    from clevrgen.judge import load_judge
+
+    labels = torch.zeros(3, 24)
+    labels[0, [0, 1, 2]] = labels[1, [5, 9, 23]] = labels[2, [4]] = 1  # two 3-object scenes and one of 1
+    held = ImageSet(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8), labels, torch.zeros(3, dtype=torch.int64),
+                    ["a_2.png", "b_2.png", "c_0.png"])
+    asked = []
+
+    def pipe(labels, image, **kwargs):  # an "editor" that keeps its source and notes what it was asked for
+        asked.append((labels.clone(), kwargs["seed"]))
+        return SimpleNamespace(images=image)
+
+    sample, judge = load_config(None, EDITOR).sample, load_judge(None)
+    result = beyond_three(pipe, sample, held, judge, progress=False)
+    assert result["scenes"] == 2 and set(result) == {"scenes", "fourth", "fifth"}
+    (fourth, seeds4), (fifth, seeds5) = asked
+    assert fourth.sum(1).tolist() == [4, 4] and fifth.sum(1).tolist() == [5, 5]
+    assert (fourth >= labels[:2]).all() and (fifth >= fourth).all() and seeds4 != seeds5
+    again = []
+    beyond_three(lambda labels, image, **kw: again.append(labels) or SimpleNamespace(images=image), sample, held, judge,
+                 progress=False)
+    assert torch.equal(again[0], fourth) and torch.equal(again[1], fifth)  # every model adds the same objects

@@ -208,10 +208,12 @@ def scene_sequences(held: ImageSet) -> list[list[int]]:
 
 
 def evaluate_edits(pipe, sample, data: ImageSet, val_fraction: float, split_seed: int, passes: int = 1,
-                   limit: int | None = None, iterative: bool = True, judge=None, progress: bool = True) -> dict:
+                   limit: int | None = None, iterative: bool = True, judge=None, progress: bool = True,
+                   beyond: bool = False) -> dict:
     """Edit every held-out pair's source into its target set (``passes`` passes, image i of pass
     k from seed ``sample.seed + k * stride + i``) and score the edits; with ``iterative``, also
-    build each held-out scene from its real first image by editing, scoring F1 at every step.
+    build each held-out scene from its real first image by editing, scoring F1 at every step;
+    with ``beyond``, add a fourth and a fifth object to the held-out 3-object scenes (:func:`beyond_three`).
     Returns the figures (means over passes, with their spread) and the first pass's images."""
     from clevrgen.evaluation import pass_seeds
     from clevrgen.judge import judge_probs, load_judge
@@ -242,6 +244,8 @@ def evaluate_edits(pipe, sample, data: ImageSet, val_fraction: float, split_seed
                             "ssim": ssim(targets, sources).mean().item()}
     if iterative:
         result["iterative"] = iterative_f1(pipe, s, held, judge, limit, progress)
+    if beyond:
+        result["beyond"] = beyond_three(pipe, s, held, judge, limit, progress)
     return {**result, "images": (sources[:32], first[:32], targets[:32])}
 
 
@@ -265,13 +269,38 @@ def iterative_f1(pipe, sample, held: ImageSet, judge, limit: int | None = None, 
     return {"scenes": len(scenes), "f1_by_step": f1}
 
 
+def beyond_three(pipe, sample, held: ImageSet, judge, limit: int | None = None, progress: bool = True) -> dict:
+    """From each held-out real 3-object image, add a fourth object and then a fifth (each edit from
+    the one before), scored as the pairs are. The real data stops at three objects, so there is no
+    real image to compare with. The objects added are drawn at random among those not yet in the
+    scene, from a fixed seed, so every model and every pass adds the same ones."""
+    from clevrgen.judge import judge_probs
+
+    three = (held.labels.sum(dim=1) == 3).nonzero().flatten()
+    three = three[:limit] if limit else three
+    if not len(three):
+        return {}
+    chooser = torch.Generator().manual_seed(0)
+    current, labels = held.images[three], held.labels[three]
+    result = {"scenes": len(three)}
+    for k, name in ((4, "fourth"), (5, "fifth")):
+        source, source_labels, labels = current, labels, labels.clone()
+        labels[torch.arange(len(labels)), torch.multinomial(1 - labels, 1, generator=chooser).flatten()] = 1
+        seeds = [sample.seed + 100_000 * k + i for i in range(len(three))]
+        current = draw_edits(pipe, source, labels, seeds, sample.steps, sample.guidance, sample.image_guidance,
+                             sample.batch_size, progress, f"adding a {name} object")
+        result[name] = {**score_edits(judge_probs(judge, current), labels, source_labels),
+                        "psnr": psnr(current, source).mean().item(), "ssim": ssim(current, source).mean().item()}
+    return result
+
+
 def pair_grid(sources: torch.Tensor, edited: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """uint8 images in rows of three (source, edit, real next image), for ``save_grid(.., per_row=6)``."""
     return torch.stack([sources, edited, targets], dim=1).flatten(0, 1)
 
 
 def evaluate_edit_task(loaded, data_path: Path | None, out: Path, passes: int = 1, limit: int | None = None,
-                       iterative: bool = True, progress: bool = True) -> dict:
+                       iterative: bool = True, progress: bool = True, beyond: bool = False) -> dict:
     """``clevrgen evaluate --task edit``: score the editor of ``loaded`` (a model with its config)
     on the held-out pairs of ``data_path`` (default: the dataset it was trained on), and write
     ``grid.png`` (rows of source, edit, real next image) and ``results.json`` into ``out``."""
@@ -287,7 +316,7 @@ def evaluate_edit_task(loaded, data_path: Path | None, out: Path, passes: int = 
     data_cfg = cfg.data.model_copy(update={"path": data_path} if data_path is not None else {})
     data = load_dataset(data_cfg, progress=progress)
     result = evaluate_edits(loaded.pipe, cfg.sample, data, data_cfg.val_fraction, data_cfg.split_seed, passes, limit,
-                            iterative, progress=progress)
+                            iterative, progress=progress, beyond=beyond)
     sources, edited, targets = result.pop("images")
     out.mkdir(parents=True, exist_ok=True)
     save_grid(pair_grid(sources, edited, targets), out / "grid.png", per_row=6)

@@ -47,6 +47,8 @@ def evaluate(
                                                  "(and N scenes built step by step).")] = None,
     iterative: Annotated[bool, typer.Option("--iterative/--no-iterative", help="--task edit: also build each held-out "
                                             "scene from its real first image, one edit per object.")] = True,
+    beyond: Annotated[bool, typer.Option("--beyond", help="--task edit: also add a fourth and a fifth object to the "
+                                         "held-out 3-object scenes (more than the real data holds: scored by the judge alone).")] = False,
     config: SampleConfigOption = None,
     overrides: SetOption = None,
     print_config: PrintConfigOption = False,
@@ -63,10 +65,10 @@ def evaluate(
     if task == "edit":
         if split is not None:
             raise UsageError("--task edit scores the held-out pairs of --data: give no --split with it")
-        return _evaluate_edits(checkpoint, data, limit, iterative, seeds, out, as_json, config, overrides, print_config,
-                               steps=steps, sampler=sampler, guidance=guidance, seed=seed)
-    if data is not None or limit is not None:
-        raise UsageError("--data and --limit go with --task edit")
+        return _evaluate_edits(checkpoint, data, limit, iterative, beyond, seeds, out, as_json, config, overrides,
+                               print_config, steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+    if data is not None or limit is not None or beyond:
+        raise UsageError("--data, --limit and --beyond go with --task edit")
 
     if split is not None:
         load_label_sets(split)  # a bad split or file fails before the model is loaded
@@ -101,7 +103,7 @@ def evaluate(
     typer.echo(f"wrote {out}/grid.png, {out}/iclevr/, {out}/results.json")
 
 
-def _evaluate_edits(checkpoint, data, limit, iterative, seeds, out, as_json, config, overrides, print_config,
+def _evaluate_edits(checkpoint, data, limit, iterative, beyond, seeds, out, as_json, config, overrides, print_config,
                     **options) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -114,7 +116,7 @@ def _evaluate_edits(checkpoint, data, limit, iterative, seeds, out, as_json, con
     loaded = load_model(resolve_editor(checkpoint), config, overrides, print_config, **options)
     out = out or (Path(".") if is_shipped(loaded.run_dir) else loaded.run_dir) / "eval-edit"
     claim_folder(out, "evaluation")
-    result = evaluate_edit_task(loaded, data, out, seeds, limit, iterative, progress=not as_json)
+    result = evaluate_edit_task(loaded, data, out, seeds, limit, iterative, progress=not as_json, beyond=beyond)
     if as_json:
         typer.echo(strict_json({k: v for k, v in result.items() if k != "passes"}))
         return
@@ -132,4 +134,9 @@ def _evaluate_edits(checkpoint, data, limit, iterative, seeds, out, as_json, con
     if result.get("iterative"):
         steps = ", ".join(f"{f:.3f}" for f in result["iterative"]["f1_by_step"])
         typer.echo(f"built step by step from {result['iterative']['scenes']} real first images: F1 by step {steps}")
+    for name, figures in result.get("beyond", {}).items():
+        if name != "scenes":
+            typer.echo(f"a {name} object added to {result['beyond']['scenes']} real 3-object scenes: top-k "
+                       f"{figures['topk_accuracy']:.3f}, exact-set {figures['exact_accuracy']:.3f}, F1 {figures['f1']:.3f}, "
+                       f"source kept {figures['source_kept']:.3f}, PSNR {figures['psnr']:.1f} dB")
     typer.echo(f"wrote {out}/grid.png (source, edit, real next image), {out}/results.json")
