@@ -50,13 +50,14 @@ def _replace_dir(write, target: Path) -> None:
     A kill between the two renames leaves no ``target`` but a complete ``.target.old``, which
     :func:`_settled_dir` reads; a kill at any other moment leaves ``target`` complete.
     """
-    from clevrgen.output import os_error_of, write_error
+    from clevrgen.output import os_error_of, share_files, write_error
 
     tmp = target.with_name(f".{target.name}.tmp")
     old = _old_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
+        share_files(tmp)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
