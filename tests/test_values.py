@@ -298,14 +298,48 @@ def test_an_override_of_a_table_merges_into_it():
 
 @pytest.mark.parametrize("content, message", [
     ('{"max_objects": "3"}', "max_objects: Input should be a valid integer"),
-    ('{"max_objects": 3', "is unreadable or not JSON"),
+    ('{"max_objects": 3', "training_data.json: not valid JSON"),
     ('[3]', "expected a JSON object"),
+    ('{"stages": "x"}', "stages: Input should be a valid list"),
+    ('{"stages": 3}', "stages: Input should be a valid list"),
+    ('{"stages": [1, 2]}', "stages.0: Input should be a valid dictionary"),
+    ('{"stages": [{"steps": "5"}]}', "stages.0.steps: Input should be a valid integer"),
+    ('{"stages": [{"steps": 5, "curve": [{"step": 1}]}]}', "stages.0.curve.0.minutes: Field required"),
+    ('{"stages": ' + "[" * 50_000 + "]" * 50_000 + "}", "training_data.json: not valid JSON (nested too deeply"),
 ])
 def test_a_hand_edited_training_record_is_refused_in_one_line(runner, tmp_path, model_dir, content, message):
     (model_dir / "training_data.json").write_text(content)
     expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", tmp_path / "s.png", *SAMPLE], 1,
            "training_data.json", message, "the run folder is damaged")
     assert not (tmp_path / "s.png").exists()
+
+
+def test_a_hand_edited_chain_of_stages_is_refused_wherever_the_record_is_read(runner, tmp_path, model_dir, dataset):
+    """export (which would copy it into a new model), train.init and the pipeline read the record
+    through one check; a refused train.init leaves no folder and no train.lock behind."""
+    from clevrgen import ClevrgenPipeline
+
+    (model_dir / "training_data.json").write_text('{"max_objects": 3, "stages": [{"steps": "12000"}]}')
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    expect(runner, ["export", model_dir, "--out", tmp_path / "exp"], 1, "training_data.json is not a valid training "
+           "record: stages.0.steps: Input should be a valid integer")
+    assert not (tmp_path / "exp").exists()
+    with pytest.raises(CheckpointError, match="stages.0.steps"):
+        ClevrgenPipeline.from_pretrained(model_dir)
+    run = tmp_path / "run"
+    expect(runner, ["train", "--out", run, *[x for s in TINY for x in ("--set", s)], "--set", "model.patch_size=2",
+                    "--set", f"data.path='{dataset}'", "--set", "train.steps=2", "--set", f"train.init='{model_dir}'"],
+           1, "stages.0.steps")
+    assert not run.exists()
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+
+
+def test_a_split_nested_too_deeply_is_one_line(runner, tmp_path, model_dir):
+    split = tmp_path / "deep.json"
+    split.write_text("[" * 100_000 + "]" * 100_000)
+    expect(runner, ["evaluate", "--checkpoint", model_dir, "--split", split, "--out", tmp_path / "ev", *SAMPLE[:2]], 1,
+           f"{split}: not valid JSON (nested too deeply to read)")
+    assert not (tmp_path / "ev").exists()
 
 
 def test_a_large_sample_is_drawn_and_written_in_chunks(runner, tmp_path, model_dir, monkeypatch):

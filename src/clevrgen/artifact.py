@@ -26,7 +26,7 @@ from clevrgen.config_file import to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.integrity import ASSETS, verify_shipped
 from clevrgen.model import LabelConditionedUNet, build_model, unet_arguments, unet_class, widen_to_editor
-from clevrgen.inputs import input_file
+from clevrgen.inputs import input_file, read_json
 from clevrgen.locks import folder_lock
 from clevrgen.output import atomic_write_text
 from clevrgen.record import DATA_FILE, describe_chain, training_data_of, with_stage
@@ -201,12 +201,7 @@ def _load_weights(module: nn.Module, file: Path, what: str, rename=lambda key: k
 
 
 def _read_json(file: Path, what: str) -> dict:
-    input_file(file)
-    try:
-        record = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load {what}: {file} is unreadable or not JSON ({first_line(exc)}); "
-                              "the run folder is damaged or not from clevrgen") from None
+    record = read_json(file, CheckpointError, f"; cannot load {what}: the run folder is damaged or not from clevrgen")
     if not isinstance(record, dict):
         raise CheckpointError(f"cannot load {what}: {file} is not a config object; the run folder is damaged")
     return record
