@@ -353,3 +353,20 @@ def test_a_smaller_evaluation_over_a_larger_one_leaves_only_its_own_images(runne
                         *SAMPLE[:2]], 0, "wrote")
     listed = json.loads((tmp_path / "ev" / "train.json").read_text())
     assert sorted(p.name for p in (tmp_path / "ev" / "iclevr").iterdir()) == sorted(listed) == ["image_0000.png"]
+
+
+def test_an_export_stopped_at_its_first_file_is_rerun_as_its_message_says(runner, tmp_path, model_dir, monkeypatch):
+    """The record is written after the weights: a stop before the UNet leaves no lone
+    training_data.json, which no command could claim."""
+    import clevrgen.artifact as artifact
+
+    def stopped(write, target):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(artifact, "_replace_dir", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            artifact.export_artifact(model_dir, tmp_path / "exp")
+    assert folder_kind(tmp_path / "exp") is None
+    expect(runner, ["export", model_dir, "--out", tmp_path / "exp"], 0, "wrote")
+    assert json.loads((tmp_path / "exp" / "training_data.json").read_text())["max_objects"] == 3

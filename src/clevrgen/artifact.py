@@ -142,8 +142,6 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
     from clevrgen.diffusion import sampling_scheduler
 
     with folder_lock(run_dir):  # one writer: two exports into one folder never mix
-        if training_data is not None:
-            atomic_write_text(run_dir / DATA_FILE, json.dumps(training_data) + "\n")
         _replace_dir(lambda tmp: model.unet.save_pretrained(tmp, safe_serialization=True), run_dir / UNET_DIR)
         # The label encoder stays fp32 (it is tiny), so an fp16 export keeps the labels exact.
         encoder = copy.deepcopy(model.label_encoder).float()
@@ -151,6 +149,8 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
         (run_dir / LABEL_PROJ_FILE).unlink(missing_ok=True)  # an older layout's copy, now stale
         scheduler = sampling_scheduler(config.diffusion, config.sample.sampler)
         _replace_dir(lambda tmp: scheduler.save_pretrained(tmp), run_dir / SCHEDULER_DIR)
+        if training_data is not None:  # after the weights: a stop before them leaves nothing its rerun must explain
+            atomic_write_text(run_dir / DATA_FILE, json.dumps(training_data) + "\n")
         atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
         record = training_data if training_data is not None else training_data_of(run_dir)
         write_pipeline_index(run_dir, {"unet": model.unet, "label_encoder": encoder, "scheduler": scheduler}, {
