@@ -292,3 +292,81 @@ def test_a_file_outputs_own_dangling_link_is_still_followed(tmp_path):
     check_writable(link)
     atomic_write_text(link, "x")
     assert link.is_symlink() and (tmp_path / "target.png").read_text() == "x"
+
+
+# --- outputs that land on what must not change ------------------------------------------------
+def test_no_output_lands_in_the_install_or_inside_the_model_it_reads(runner, tmp_path, model_dir):
+    """The shipped model's own folder (checked against SHA256SUMS), a snapshot inside the source
+    run (read again by a later `export --ema-sigma-rel`): refused before anything is written."""
+    import torch
+
+    from clevrgen import ClevrgenPipeline
+    from clevrgen.artifact import SHIPPED_EDITOR, SHIPPED_MODEL
+
+    shipped = snapshot(SHIPPED_MODEL.parent)
+    for target in (SHIPPED_MODEL, SHIPPED_EDITOR / "sub", SHIPPED_MODEL.parent / "new"):
+        expect(runner, ["export", model_dir, "--out", target], 2, f"cannot write {target}: it lies inside this "
+               "clevrgen install's shipped assets")
+    pipe = ClevrgenPipeline.from_pretrained(model_dir)
+    with pytest.raises(UsageError, match="shipped assets"):
+        pipe.save_pretrained(SHIPPED_MODEL)
+    expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, *SAMPLE, "-o", SHIPPED_MODEL / "x.png"], 2,
+           "shipped assets")
+    assert snapshot(SHIPPED_MODEL.parent) == shipped and not (SHIPPED_MODEL.parent / "new").exists()
+    # a snapshot inside the source run is neither exported nor saved over
+    cfg = load_config(None, [*TINY, "model.patch_size=2"])
+    inner = model_dir / "snapshots" / "step-2"
+    save_artifact(build_model(cfg.model).eval(), cfg, inner, {"max_objects": 3})
+    before = snapshot(model_dir)
+    expect(runner, ["export", model_dir, "--out", inner], 2, f"--out {inner} lies inside {model_dir}, the model "
+           "this command reads")
+    with pytest.raises(UsageError, match="lies inside"):
+        pipe.save_pretrained(inner)
+    assert snapshot(model_dir) == before
+    # a pipeline loaded from a training run is not saved back over the run's fp32 weights
+    torch.save({"step": 2}, model_dir / "state.pt")
+    before = snapshot(model_dir)
+    pipe = ClevrgenPipeline.from_pretrained(model_dir, torch_dtype=torch.float16)
+    with pytest.raises(UsageError, match=f"save_directory {model_dir} already holds a training run"):
+        pipe.save_pretrained(model_dir)
+    assert snapshot(model_dir) == before
+
+
+def test_an_export_is_readable_by_others_under_the_umask(runner, tmp_path, model_dir):
+    from clevrgen import ClevrgenPipeline
+    from clevrgen.output import UMASK
+
+    expect(runner, ["export", model_dir, "--out", tmp_path / "exp"], 0, "wrote")
+    ClevrgenPipeline.from_pretrained(model_dir).save_pretrained(tmp_path / "saved")
+    for folder in (tmp_path / "exp", tmp_path / "saved"):
+        modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+        assert modes["unet/diffusion_pytorch_model.safetensors"] == 0o666 & ~UMASK
+        assert set(modes.values()) == {0o666 & ~UMASK}, modes
+
+
+def test_a_smaller_evaluation_over_a_larger_one_leaves_only_its_own_images(runner, tmp_path, model_dir):
+    scenes = [["red sphere"], ["blue cube"], ["green cylinder"]]
+    for n in (3, 1):
+        split = tmp_path / f"split{n}.json"
+        split.write_text(json.dumps(scenes[:n]))
+        expect(runner, ["evaluate", "--checkpoint", model_dir, "--split", split, "--out", tmp_path / "ev",
+                        *SAMPLE[:2]], 0, "wrote")
+    listed = json.loads((tmp_path / "ev" / "train.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "ev" / "iclevr").iterdir()) == sorted(listed) == ["image_0000.png"]
+
+
+def test_an_export_stopped_at_its_first_file_is_rerun_as_its_message_says(runner, tmp_path, model_dir, monkeypatch):
+    """The record is written after the weights: a stop before the UNet leaves no lone
+    training_data.json, which no command could claim."""
+    import clevrgen.artifact as artifact
+
+    def stopped(write, target):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(artifact, "_replace_dir", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            artifact.export_artifact(model_dir, tmp_path / "exp")
+    assert folder_kind(tmp_path / "exp") is None
+    expect(runner, ["export", model_dir, "--out", tmp_path / "exp"], 0, "wrote")
+    assert json.loads((tmp_path / "exp" / "training_data.json").read_text())["max_objects"] == 3

@@ -191,6 +191,7 @@ def damage_json(root: Path, name: str, text: str) -> None:
     (lambda r: shutil.rmtree(r / "iclevr"), "iclevr/ missing"),
     (lambda r: damage_json(r, "train.json", "{}"), "train.json: lists no images"),
     (lambda r: damage_json(r, "train.json", "[1, 2"), "train.json: not valid JSON"),
+    (lambda r: damage_json(r, "train.json", "[" * 100_000), "train.json: not valid JSON (nested too deeply to read)"),
     (lambda r: damage_json(r, "train.json", '{"CLEVR_train_000000_0.png": ["red sphre"]}'),
      "CLEVR_train_000000_0.png: unknown label 'red sphre'"),
     (lambda r: damage_json(r, "train.json", '{"CLEVR_train_000000_0.png": []}'), "CLEVR_train_000000_0.png: no labels"),

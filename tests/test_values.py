@@ -172,6 +172,9 @@ def test_a_stop_during_trainings_evaluation_acts_within_a_step(dataset, tmp_path
     with pytest.raises(TrainingInterrupted) as err:
         train(cfg, tmp_path / "r", load_iclevr(dataset, progress=False), progress=False)
     assert err.value.exit_code == 130 and (tmp_path / "r" / "state.pt").is_file()
+    # the stop came in the last step's evaluation: nothing is left to resume, and no resume is offered
+    assert "at step 2, the run's last; checkpoint saved: training is complete" in str(err.value)
+    assert "--resume" not in str(err.value)
     sampling_calls = [n for n in calls if n == 64]  # 32 label sets with guidance
     assert len(sampling_calls) <= 2, len(sampling_calls)  # not the 2 x 20 steps of both splits
 
@@ -298,14 +301,48 @@ def test_an_override_of_a_table_merges_into_it():
 
 @pytest.mark.parametrize("content, message", [
     ('{"max_objects": "3"}', "max_objects: Input should be a valid integer"),
-    ('{"max_objects": 3', "is unreadable or not JSON"),
+    ('{"max_objects": 3', "training_data.json: not valid JSON"),
     ('[3]', "expected a JSON object"),
+    ('{"stages": "x"}', "stages: Input should be a valid list"),
+    ('{"stages": 3}', "stages: Input should be a valid list"),
+    ('{"stages": [1, 2]}', "stages.0: Input should be a valid dictionary"),
+    ('{"stages": [{"steps": "5"}]}', "stages.0.steps: Input should be a valid integer"),
+    ('{"stages": [{"steps": 5, "curve": [{"step": 1}]}]}', "stages.0.curve.0.minutes: Field required"),
+    ('{"stages": ' + "[" * 50_000 + "]" * 50_000 + "}", "training_data.json: not valid JSON (nested too deeply"),
 ])
 def test_a_hand_edited_training_record_is_refused_in_one_line(runner, tmp_path, model_dir, content, message):
     (model_dir / "training_data.json").write_text(content)
     expect(runner, ["sample", "red sphere", "--checkpoint", model_dir, "-o", tmp_path / "s.png", *SAMPLE], 1,
            "training_data.json", message, "the run folder is damaged")
     assert not (tmp_path / "s.png").exists()
+
+
+def test_a_hand_edited_chain_of_stages_is_refused_wherever_the_record_is_read(runner, tmp_path, model_dir, dataset):
+    """export (which would copy it into a new model), train.init and the pipeline read the record
+    through one check; a refused train.init leaves no folder and no train.lock behind."""
+    from clevrgen import ClevrgenPipeline
+
+    (model_dir / "training_data.json").write_text('{"max_objects": 3, "stages": [{"steps": "12000"}]}')
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    expect(runner, ["export", model_dir, "--out", tmp_path / "exp"], 1, "training_data.json is not a valid training "
+           "record: stages.0.steps: Input should be a valid integer")
+    assert not (tmp_path / "exp").exists()
+    with pytest.raises(CheckpointError, match="stages.0.steps"):
+        ClevrgenPipeline.from_pretrained(model_dir)
+    run = tmp_path / "run"
+    expect(runner, ["train", "--out", run, *[x for s in TINY for x in ("--set", s)], "--set", "model.patch_size=2",
+                    "--set", f"data.path='{dataset}'", "--set", "train.steps=2", "--set", f"train.init='{model_dir}'"],
+           1, "stages.0.steps")
+    assert not run.exists()
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+
+
+def test_a_split_nested_too_deeply_is_one_line(runner, tmp_path, model_dir):
+    split = tmp_path / "deep.json"
+    split.write_text("[" * 100_000 + "]" * 100_000)
+    expect(runner, ["evaluate", "--checkpoint", model_dir, "--split", split, "--out", tmp_path / "ev", *SAMPLE[:2]], 1,
+           f"{split}: not valid JSON (nested too deeply to read)")
+    assert not (tmp_path / "ev").exists()
 
 
 def test_a_large_sample_is_drawn_and_written_in_chunks(runner, tmp_path, model_dir, monkeypatch):
@@ -368,6 +405,46 @@ def test_resuming_a_classic_ema_as_power_emas_says_why():
         ema.load_state_dict({"decay": 0.9999, "optimization_step": 3, "shadow_params": [torch.zeros(2)]})
     assert "the checkpoint holds a classic EMA (train.ema_decay) but the config asks for power EMAs" in first_line(
         err.value) and "train.init=RUN" in first_line(err.value)
+
+
+def test_a_resume_never_changes_the_objective_and_says_when_the_lr_plan_outruns_it(runner, dataset, tmp_path):
+    """Another prediction type, number of timesteps or beta schedule (by --set or by an edit of
+    config.toml) is refused with the way on; the run is left as it was. A warm-up or cool-down
+    longer than the run is said, with its numbers."""
+    run = tmp_path / "r"
+    args = ["train", "--out", run, *[x for s in TINY for x in ("--set", s)], "--set", f"data.path='{dataset}'",
+            "--set", "train.steps=2"]
+    result = expect(runner, args, 0, "done")
+    assert "warning" not in flat(result)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for change, was, asked in [("diffusion.prediction_type='v_prediction'", "'epsilon'", "'v_prediction'"),
+                               ("diffusion.num_train_timesteps=40", "50", "40"),
+                               ("diffusion.beta_schedule='cosine'", "'linear'", "'cosine'")]:
+        key = change.split("=")[0]
+        expect(runner, ["train", "--resume", run, "--set", change, "--set", "train.steps=4"], 1,
+               f"cannot resume from {run}/state.pt: the checkpoint was trained with {key} = {was}, but the config "
+               f"asks for {asked}", "cannot change on a resume", f"train.init={run}")
+    (run / "config.toml").write_text((run / "config.toml").read_text().replace('"epsilon"', '"v_prediction"'))
+    expect(runner, ["train", "--resume", run, "--set", "train.steps=4"], 1, "diffusion.prediction_type = 'epsilon'")
+    (run / "config.toml").write_bytes(before["config.toml"])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    expect(runner, ["train", "--resume", run, "--set", "train.steps=3", "--set", "train.lr_decay_steps=50"], 0,
+           "warning: train.warmup_steps 0 + train.lr_decay_steps 50 are more than the run's train.steps 3: the lr "
+           "never reaches train.lr 0.001 (at most 10.8% of it)", "done")
+
+
+def test_eval_splits_naming_no_split_are_refused_before_training(runner, dataset, tmp_path):
+    run = tmp_path / "r"
+    expect(runner, ["train", "--out", run, *[x for s in TINY for x in ("--set", s)], "--set", f"data.path='{dataset}'",
+                    "--set", "train.steps=2", "--set", "train.eval_splits=['test', 'nope']"], 1,
+           "train.eval_splits: no such split or file: nope")
+    assert not run.exists()
+
+
+def test_a_refused_resume_of_an_exported_model_leaves_it_as_it_was(runner, model_dir):
+    before = {str(p): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    expect(runner, ["train", "--resume", model_dir], 1, f"cannot resume: {model_dir}/state.pt not found")
+    assert {str(p): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()} == before
 
 
 def test_resuming_power_emas_as_a_classic_ema_says_why(runner, dataset, tmp_path):

@@ -26,7 +26,7 @@ from clevrgen.config_file import to_toml
 from clevrgen.errors import CheckpointError, ConfigError, first_line
 from clevrgen.integrity import ASSETS, verify_shipped
 from clevrgen.model import LabelConditionedUNet, build_model, unet_arguments, unet_class, widen_to_editor
-from clevrgen.inputs import input_file
+from clevrgen.inputs import input_file, read_json
 from clevrgen.locks import folder_lock
 from clevrgen.output import atomic_write_text
 from clevrgen.record import DATA_FILE, describe_chain, training_data_of, with_stage
@@ -50,13 +50,14 @@ def _replace_dir(write, target: Path) -> None:
     A kill between the two renames leaves no ``target`` but a complete ``.target.old``, which
     :func:`_settled_dir` reads; a kill at any other moment leaves ``target`` complete.
     """
-    from clevrgen.output import os_error_of, write_error
+    from clevrgen.output import os_error_of, share_files, write_error
 
     tmp = target.with_name(f".{target.name}.tmp")
     old = _old_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
+        share_files(tmp)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
@@ -141,8 +142,6 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
     from clevrgen.diffusion import sampling_scheduler
 
     with folder_lock(run_dir):  # one writer: two exports into one folder never mix
-        if training_data is not None:
-            atomic_write_text(run_dir / DATA_FILE, json.dumps(training_data) + "\n")
         _replace_dir(lambda tmp: model.unet.save_pretrained(tmp, safe_serialization=True), run_dir / UNET_DIR)
         # The label encoder stays fp32 (it is tiny), so an fp16 export keeps the labels exact.
         encoder = copy.deepcopy(model.label_encoder).float()
@@ -150,6 +149,8 @@ def save_artifact(model: LabelConditionedUNet, config: Config, run_dir: Path,
         (run_dir / LABEL_PROJ_FILE).unlink(missing_ok=True)  # an older layout's copy, now stale
         scheduler = sampling_scheduler(config.diffusion, config.sample.sampler)
         _replace_dir(lambda tmp: scheduler.save_pretrained(tmp), run_dir / SCHEDULER_DIR)
+        if training_data is not None:  # after the weights: a stop before them leaves nothing its rerun must explain
+            atomic_write_text(run_dir / DATA_FILE, json.dumps(training_data) + "\n")
         atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
         record = training_data if training_data is not None else training_data_of(run_dir)
         write_pipeline_index(run_dir, {"unet": model.unet, "label_encoder": encoder, "scheduler": scheduler}, {
@@ -200,12 +201,7 @@ def _load_weights(module: nn.Module, file: Path, what: str, rename=lambda key: k
 
 
 def _read_json(file: Path, what: str) -> dict:
-    input_file(file)
-    try:
-        record = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load {what}: {file} is unreadable or not JSON ({first_line(exc)}); "
-                              "the run folder is damaged or not from clevrgen") from None
+    record = read_json(file, CheckpointError, f"; cannot load {what}: the run folder is damaged or not from clevrgen")
     if not isinstance(record, dict):
         raise CheckpointError(f"cannot load {what}: {file} is not a config object; the run folder is damaged")
     return record

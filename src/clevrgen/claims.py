@@ -17,6 +17,7 @@ from clevrgen.errors import ClevrgenError, UsageError, warn
 from clevrgen.filenames import (CONFIG_FILE, DATA_FILE, LABEL_ENCODER_DIR, LABEL_PROJ_FILE, LOCK_FILE, METRICS_FILE,
                                 MODEL_INDEX, PASSES_DIR, SCHEDULER_DIR, STATE_FILE, STUB_MODULE, TENSORBOARD_DIR,
                                 UNET_DIR)
+from clevrgen.integrity import ASSETS
 from clevrgen.output import output_file
 
 NAME_MAX = 255
@@ -32,6 +33,8 @@ def check_writable(path: Path | str, folder: bool = False) -> None:
     # a file output's own dangling link is followed (its target is written); nothing passes a broken folder
     if link := broken_link(path if folder else path.parent):
         raise ClevrgenError(f"cannot write {path}: {describe_broken_link(link)}")
+    if problem := inside_the_install(path):
+        raise UsageError(f"cannot write {path}: {problem}")
     if not folder:
         path = output_file(path)
     if path.is_dir() and not folder:
@@ -55,6 +58,27 @@ def name_too_long(path: Path | str) -> str | None:
     if long is None:
         return None
     return f"the name {long[:40]}... is {len(os.fsencode(long))} bytes long; file systems allow {NAME_MAX} per name"
+
+
+def inside_the_install(path: Path) -> str | None:
+    """Why ``path`` may not be written because it is (or lies in) the install's shipped assets, or
+    None: the shipped model, editor and judge are checked against SHA256SUMS, so an output there
+    would leave every later command saying the install is damaged."""
+    try:
+        inside = path.resolve().is_relative_to(ASSETS)
+    except (OSError, RuntimeError):  # a link loop: check_writable's broken_link names it
+        return None
+    if not inside:
+        return None
+    return (f"it lies inside this clevrgen install's shipped assets ({ASSETS}), which no command replaces: "
+            "write somewhere else")
+
+
+def lies_inside(folder: Path, source: Path | None) -> bool:
+    """Whether ``folder`` is the folder ``source`` or lies inside it."""
+    if source is None:
+        return False
+    return folder.resolve().is_relative_to(Path(source).resolve())
 
 
 def broken_link(path: Path) -> Path | None:
@@ -175,13 +199,17 @@ def describe_folder(folder: Path) -> str:
     return f"other files ({shown})"
 
 
-def claim_folder(folder: Path | str, kind: str, option: str = "--out") -> None:
+def claim_folder(folder: Path | str, kind: str, option: str = "--out", source: Path | None = None) -> None:
     """The one rule for an output folder: a new or empty folder, or this command's own earlier
     output of the same ``kind``, may be written; anything else (a dataset, a training run, an
     export, an evaluation, a folder of other files) is refused in one line saying what is there,
-    before any work."""
+    before any work. Nor may it be, or lie inside, the ``source`` folder the command reads (a
+    run's snapshot is read again by a later ``export --ema-sigma-rel``)."""
     folder = Path(folder)
     check_writable(folder, folder=True)
+    if lies_inside(folder, source):
+        where = "is the run itself" if folder.resolve() == Path(source).resolve() else f"lies inside {source}"
+        raise UsageError(f"{option} {folder} {where}, the model this command reads: choose another {option}")
     if not folder.is_dir():
         return
     found = folder_kind(folder)

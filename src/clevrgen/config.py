@@ -301,6 +301,22 @@ class Config(Section):
         return self
 
 
+class CurvePoint(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    step: int = Field(ge=0)
+    minutes: float = Field(ge=0.0)
+
+
+class TrainingStage(BaseModel):
+    """One stage of a model's chain of training runs (:func:`clevrgen.record.stage_record`)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    steps: int = Field(ge=0)
+    images: int | None = Field(None, ge=0)
+    minutes: float | None = Field(None, ge=0.0)
+    curve: list[CurvePoint] = []
+
+
 class TrainingRecord(BaseModel):
     """A run's ``training_data.json`` (what the model saw), read as strictly as any input: a
     hand-edited ``"max_objects": "3"`` is refused, not compared with an int mid-sampling."""
@@ -314,6 +330,7 @@ class TrainingRecord(BaseModel):
     ema_sigma_rel: float | None = Field(None, gt=0.0)
     posthoc_ema: dict[str, float] | None = None
     schedule: str | None = None
+    stages: list[TrainingStage] = []
 
 
 class PipelineIndex(BaseModel):

@@ -26,7 +26,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: no such config file"])
     try:
         return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
 
 

@@ -28,6 +28,8 @@ def write_image_folder(out: Path, images: torch.Tensor, scenes: list[list[str]])
             save_image(image.float() / 255, tmp, format="png")
     spec = {name: [normalize_phrase(p) for p in scene] for name, scene in zip(names, scenes)}
     atomic_write_text(out / "train.json", json.dumps(spec, indent=1))
+    for stale in set((out / "iclevr").glob("image_*.png")) - {out / "iclevr" / n for n in names}:
+        stale.unlink()  # a larger earlier evaluation's: the folder holds what train.json lists
     atomic_write_text(out / "objects.json", asset_path("objects.json").read_text())
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clevrgen.errors import DataError, PhraseError
-from clevrgen.inputs import input_file
+from clevrgen.inputs import input_file, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -119,7 +118,7 @@ def phrases_of(labels: "torch.Tensor") -> list[list[str]]:
 @lru_cache(maxsize=None)
 def shipped_split(name: str) -> tuple[tuple[str, ...], ...]:
     """The phrase lists of a split shipped with clevrgen (one of :data:`SPLITS`)."""
-    return tuple(tuple(scene) for scene in json.loads(asset_path(f"{name}.json").read_text()))
+    return tuple(tuple(scene) for scene in read_json(asset_path(f"{name}.json")))
 
 
 def load_label_sets(split: str) -> list[list[str]]:
@@ -133,10 +132,7 @@ def load_label_sets(split: str) -> list[list[str]]:
                 f"no such split or file: {split} (use one of {', '.join(SPLITS)}, or a JSON file "
                 "holding a list of phrase lists)"
             )
-        try:
-            scenes = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: not valid JSON ({exc})") from None
+        scenes = read_json(path)
         if not isinstance(scenes, list) or not all(
             isinstance(s, list) and all(isinstance(p, str) for p in s) for s in scenes
         ):

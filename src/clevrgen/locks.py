@@ -77,6 +77,8 @@ def run_lock(folder: Path | str, enabled: bool = True) -> Iterator[None]:
         yield
         return
     path = folder / LOCK_FILE
+    made = [p for p in (folder, path) if not p.exists()]  # what a refused run takes away again
+    before = _contents(folder)
 
     def open_fd() -> int:
         try:
@@ -102,6 +104,14 @@ def run_lock(folder: Path | str, enabled: bool = True) -> Iterator[None]:
         finally:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
+                if _contents(folder) == before:  # refused before it wrote a file: the folder as it was
+                    for p in reversed(made):
+                        p.rmdir() if p.is_dir() else p.unlink()
+
+
+def _contents(folder: Path) -> set[str]:
+    """The names in ``folder`` but its lock: what a run wrote, if they changed while it held it."""
+    return {p.name for p in folder.iterdir() if p.name != LOCK_FILE} if folder.is_dir() else set()
 
 
 @contextlib.contextmanager

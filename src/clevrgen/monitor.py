@@ -57,6 +57,18 @@ def held_out_loss(model, noise_scheduler, val: ImageSet, device, amp_dtype, batc
     return total / max(1, len(images))
 
 
+def check_eval_splits(t) -> None:
+    """Each of ``train.eval_splits`` is a shipped split or a split file of valid phrases, checked
+    before training (else the first evaluation would fail, steps into the run)."""
+    from clevrgen.labels import load_label_sets
+
+    for split in t.eval_splits:
+        try:
+            load_label_sets(split)
+        except ClevrgenError as exc:
+            raise type(exc)(f"train.eval_splits: {exc}") from None
+
+
 def judge_accuracy(model, cfg: Config, val_set: ImageSet, device, amp_dtype, should_stop: StopCheck = None) -> dict:
     """Judge accuracy of samples for the held-out scenes' label sets and for ``train.eval_splits``
     (seeds ``sample.seed + i``); {} when there is no judge."""

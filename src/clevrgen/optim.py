@@ -23,6 +23,23 @@ def lr_lambda(warmup: int, steps: int = 0, decay_steps: int = 0, final: float = 
     return factor
 
 
+def warn_about_lr_plan(t: TrainConfig) -> None:
+    """Say so when the warm-up or the cool-down is longer than the run: it would train throughout
+    at a fraction of ``train.lr``. A warning, not a refusal: a short trial run of a long config is
+    a fair thing to do, and its numbers are then read for what they are."""
+    from clevrgen.errors import warn
+
+    if t.warmup_steps + t.lr_decay_steps <= t.steps:
+        return
+    factor = lr_lambda(t.warmup_steps, t.steps, t.lr_decay_steps, t.lr_final)
+    peak = max(factor(s) for s in range(0, t.steps, max(1, t.steps // 10_000)))
+    if peak >= 0.9:  # a slight overlap of the two: near enough to the plan
+        return
+    warn(f"train.warmup_steps {t.warmup_steps} + train.lr_decay_steps {t.lr_decay_steps} are more than the run's "
+         f"train.steps {t.steps}: the lr never reaches train.lr {t.lr:g} (at most {peak:.1%} of it); shorten them "
+         "for a run this short")
+
+
 def make_optimizer(model: torch.nn.Module, t: TrainConfig):
     """AdamW and its lr schedule, by ``train.*`` (``t``). PyTorch's fused AdamW kernel on the CPU
     and CUDA makes the same update as the loop (to fp32 rounding) in one pass over each parameter,

@@ -124,6 +124,15 @@ def atomic_path(path: Path | str, needed: int | None = None) -> Iterator[Path]:
         raise
 
 
+def share_files(folder: Path) -> None:
+    """Give the files a library wrote into ``folder`` the umask's permissions, as :func:`atomic_path`
+    does: diffusers writes weights through a 0600 temporary, which would hide a model exported to
+    share from everyone else."""
+    for file in Path(folder).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, 0o666 & ~UMASK)
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the ``.NAME.*.tmp`` files that writers killed mid-write left in ``folder`` (and its
     ``samples/``). Only for a folder no other process is writing, e.g. a run being resumed."""

@@ -111,15 +111,17 @@ class ClevrgenPipeline(DiffusionPipeline):
         from clevrgen.artifact import PIPELINE_DEFAULTS, copy_run_record, write_pipeline_index
         from clevrgen.claims import claim_folder
         from clevrgen.locks import folder_lock
+        from clevrgen.output import share_files
 
         folder = Path(save_directory)
         source = getattr(self, "run_dir", None)
         same = source is not None and folder.is_dir() and Path(source).resolve() == folder.resolve()
-        if not same:
-            claim_folder(folder, "model", "save_directory")
+        # its own model folder may be saved over (a training run never: its weights are fp32), a folder inside it not
+        claim_folder(folder, "model", "save_directory", source=None if same else source)
         kwargs.setdefault("safe_serialization", True)
         with folder_lock(folder):  # one writer per model folder, as for `clevrgen export`
             super().save_pretrained(save_directory, **kwargs)
+            share_files(folder)
             if not same:
                 copy_run_record(source, folder)
             write_pipeline_index(folder, {n: getattr(self, n) for n in ("unet", "label_encoder", "scheduler")},

@@ -8,13 +8,12 @@ stage is made from a run's ``metrics.jsonl`` with :mod:`clevrgen.report`'s reade
 
 from __future__ import annotations
 
-import json
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clevrgen.errors import CheckpointError, first_line
-from clevrgen.inputs import input_file
+from clevrgen.errors import CheckpointError
+from clevrgen.inputs import input_file, read_json
 from clevrgen.report import accuracy_curve, read_metrics, training_minutes
 
 if TYPE_CHECKING:
@@ -31,11 +30,8 @@ def training_data_of(run_dir: Path) -> dict:
     file = input_file(Path(run_dir) / DATA_FILE)
     if not file.is_file():
         return {}
-    try:
-        record = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file} is unreadable or not JSON ({first_line(exc)}); the run folder is damaged: "
-                              "restore it, or delete it (the model then does not warn about large scenes)") from None
+    record = read_json(file, CheckpointError, "; the run folder is damaged: restore it, or delete it (the model "
+                       "then does not warn about large scenes)")
     problems = validate_training_record(record)
     if problems:
         raise CheckpointError(f"{file} is not a valid training record: {'; '.join(problems)}; the run folder is "
@@ -85,7 +81,8 @@ def chain_curve(stages: list[dict]) -> tuple[list[dict], list[float]]:
     for i, stage in enumerate(stages):
         if i:
             boundaries.append(minutes0)
-        rows += [{**r, "stage": i, "step": r["step"] + step0, "minutes": r["minutes"] + minutes0} for r in stage["curve"]]
+        rows += [{**r, "stage": i, "step": r["step"] + step0, "minutes": r["minutes"] + minutes0}
+                 for r in stage.get("curve", [])]
         step0, minutes0 = step0 + stage["steps"], minutes0 + (stage["minutes"] or 0.0)
     return rows, boundaries
 

@@ -18,7 +18,7 @@ def read_metrics(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
+        except (ValueError, RecursionError):  # a line cut short by a kill (or damaged)
             continue
     return records
 

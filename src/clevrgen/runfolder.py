@@ -43,6 +43,35 @@ def read_state(run_dir: Path) -> dict:
     return torch.load(input_file(run_dir / STATE_FILE), map_location="cpu", weights_only=True)
 
 
+OBJECTIVE = ("prediction_type", "num_train_timesteps", "beta_schedule")
+"""What the network learns to predict and on which noise schedule: a resume may not change them."""
+
+
+def check_same_objective(run_dir: Path, diffusion) -> None:
+    """A resume trains on with the objective and noise schedule its checkpoint was trained with, as
+    ``RUN/scheduler/`` (written with every checkpoint) records them; another one, given by ``--set``
+    or by an edit of ``config.toml``, is refused as a change of EMA kind is, before anything is
+    rewritten."""
+    from clevrgen.diffusion import training_scheduler
+    from clevrgen.errors import CheckpointError
+    from clevrgen.filenames import SCHEDULER_DIR
+    from clevrgen.inputs import read_json
+
+    saved_file = run_dir / SCHEDULER_DIR / "scheduler_config.json"
+    if not saved_file.is_file():  # a run of an older layout: nothing to compare with
+        return
+    saved = read_json(saved_file, CheckpointError, "; the run folder is damaged")
+    wanted = training_scheduler(diffusion).config
+    for key in OBJECTIVE:
+        if isinstance(saved, dict) and key in saved and saved[key] != wanted[key]:
+            was = {"squaredcos_cap_v2": "cosine"}.get(saved[key], saved[key])  # the scheduler's name, the config's
+            raise CheckpointError(
+                f"cannot resume from {run_dir / STATE_FILE}: the checkpoint was trained with "
+                f"diffusion.{key} = {was!r}, but the config asks for {getattr(diffusion, key)!r}, and the objective "
+                f"and noise schedule cannot change on a resume: put diffusion.{key} back in {run_dir / 'config.toml'} "
+                f"(or drop the --set), or start a new run from these weights with train.init={run_dir}")
+
+
 class RunLog:
     """Where a run's numbers go: ``metrics.jsonl`` (the record, one JSON object per line) and,
     with ``train.tensorboard``, the same scalars and the sample grids in ``RUN/tensorboard/``."""

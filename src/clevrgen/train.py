@@ -35,11 +35,11 @@ from clevrgen.callbacks import SamplingStopped
 from clevrgen.locks import run_lock
 from clevrgen.model import LabelConditionedUNet, build_model, set_attention_kernel, warn_if_upsampled
 from clevrgen.record import resumed_record
-from clevrgen.optim import load_optimizer_state, make_optimizer
+from clevrgen.optim import load_optimizer_state, make_optimizer, warn_about_lr_plan
 from clevrgen.output import WriteError, append_jsonl, atomic_write_text
 from clevrgen.runfolder import (
-    METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, LossWindow, RunLog, checkpoint_note, drop_metrics_after, read_state,
-    write_state,
+    METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, LossWindow, RunLog, check_same_objective, checkpoint_note,
+    drop_metrics_after, read_state, write_state,
 )
 from clevrgen.runtime import (SIGNAL_NAMES, Distributed, StopVote, autocast_dtype, deferred_stop, grad_scaler,
                               init_distributed, resolve_device)
@@ -97,6 +97,15 @@ def place_model(model: LabelConditionedUNet, cfg: Config, dist: Distributed, dev
     if cfg.train.compile:
         forward = torch.compile(forward)
     return model, forward
+
+
+def stopped_message(how: str, step: int, steps: int, run_dir: Path) -> str:
+    """What a stop after a whole step says: how to resume, or, at the run's last step (the stop
+    came in its evaluation or sample grid), that there is nothing left to resume."""
+    if step >= steps:
+        return (f"{how} at step {step}, the run's last; checkpoint saved: training is complete ({run_dir} holds "
+                "its model; the last step's evaluation or sample grid was cut short)")
+    return f"{how} at step {step}; checkpoint saved. Resume with: clevrgen train --resume {run_dir}"
 
 
 class Trainer:
@@ -177,7 +186,7 @@ class Trainer:
                                           f"{self.run_dir} keeps its last checkpoint. {resume}") from None
             if main:
                 self.save_checkpoint()
-            raise TrainingInterrupted(f"interrupted at step {self.step}; checkpoint saved. {resume}") from None
+            raise TrainingInterrupted(stopped_message("interrupted", self.step, t.steps, self.run_dir)) from None
         finally:
             if log is not None:
                 log.close()
@@ -260,8 +269,7 @@ class Trainer:
         if not saved:
             self.checkpoint()
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {SIGNAL_NAMES[signum]}"
-        raise TrainingInterrupted(f"{how} at step {self.step}; checkpoint saved. Resume with: clevrgen train --resume "
-                                  f"{self.run_dir}", exit_code=128 + signum)
+        raise TrainingInterrupted(stopped_message(how, self.step, self.cfg.train.steps, self.run_dir), 128 + signum)
 
     # --- the run's state -----------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -355,11 +363,14 @@ def train(cfg: Config, run_dir: Path, data: ImageSet, resume: bool = False, prog
     if not resume and (run_dir / STATE_FILE).exists():
         raise UsageError(f"{run_dir} already holds a training run: continue it with --resume {run_dir}, "
                          "or choose another --out")
+    monitor.check_eval_splits(cfg.train)  # a bad split fails now, not at the first evaluation
+    warn_about_lr_plan(cfg.train)
     trainer = Trainer(cfg, run_dir, data, progress=progress, resume=resume)
     try:
         with run_lock(run_dir, enabled=trainer.dist.is_main):  # one writer per run folder
             if resume:
                 trainer.load_checkpoint()
+                check_same_objective(run_dir, cfg.diffusion)
                 if trainer.step >= cfg.train.steps:  # before anything of the run is rewritten
                     done = "has finished its" if trainer.step == cfg.train.steps else "is past train.steps ="
                     raise UsageError(f"{run_dir} {done} {cfg.train.steps} steps (its checkpoint is at step "

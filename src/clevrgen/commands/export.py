@@ -31,21 +31,18 @@ def export(
     from clevrgen.artifact import export_artifact, resolve_checkpoint
     from clevrgen.commands._options import resolve_run_config
     from clevrgen.errors import UsageError
-    from clevrgen.claims import check_writable, claim_folder
+    from clevrgen.claims import claim_folder
     from clevrgen.pipeline_inputs import check_sample_steps
     from clevrgen.record import with_stage
 
     source = resolve_checkpoint(run)
-    check_writable(out, folder=True)  # a symlink loop as --out: one line, not resolve()'s RuntimeError
-    if out.resolve() == source.resolve():
-        raise UsageError(f"--out {out} is the run itself: give another folder")
+    claim_folder(out, "model", source=source)  # before the options: the run itself, a snapshot inside it
     for item in overrides or []:
         if not item.strip().startswith("sample."):
             raise UsageError(f"--set {item}: an export may change only its sampling defaults (sample.*); "
                              "the rest is the run's")
     chosen = resolve_run_config(source, overrides, False)  # the run's config with the new defaults
     check_sample_steps(chosen)
-    claim_folder(out, "model")
     if ema_sigma_rel is not None:
         from clevrgen.artifact import save_artifact
         from clevrgen.ema import posthoc_model

@@ -27,14 +27,14 @@ def load_embedded(seed: int = 0, cache_dir: Path | None = None, progress: bool =
             "no dataset configured and the embedded renderer is not available: "
             "set data.path to an i-CLEVR folder (e.g. --set data.path='../shared/iclevr')"
         ) from None
-    import json
+    from clevrgen.inputs import read_json
 
     spec_file = asset_path("train.json")
     fingerprint = embedded_fingerprint(spec_file.read_bytes(), seed)
     path = (cache_dir or user_cache_dir()) / f"rendered-{fingerprint}.safetensors"
     data = load_cache(path, fingerprint)
     if data is None:
-        data = render_dataset(json.loads(spec_file.read_text()), seed=seed, progress=progress)
+        data = render_dataset(read_json(spec_file), seed=seed, progress=progress)
         save_cache(path, data, fingerprint)
     return data
 

@@ -21,6 +21,7 @@ import torch
 from clevrgen.errors import DataError
 from clevrgen.labels import CLASS_INDEX, NUM_CLASSES, normalize_phrase
 from clevrgen.runtime import user_cache_dir
+from clevrgen import inputs
 from clevrgen.inputs import input_file
 from clevrgen.output import atomic_path
 
@@ -85,10 +86,7 @@ def scene_ids(names: list[str]) -> torch.Tensor:
 def read_json(path: Path) -> object:
     if not input_file(path).is_file():
         raise DataError(f"missing file: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    return inputs.read_json(path)
 
 
 def read_spec(root: Path) -> dict[str, list[str]]:

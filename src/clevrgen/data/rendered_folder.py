@@ -14,6 +14,7 @@ import torch
 from clevrgen.data.iclevr import ImageSet, labels_tensor, scene_ids
 from clevrgen.data.render import SceneStyle, iter_render, plan_scenes, render_settings, track_render
 from clevrgen.errors import DataError, Interrupted
+from clevrgen.inputs import read_json
 from clevrgen.output import WriteError
 
 
@@ -49,15 +50,13 @@ def render_folder(out, spec: dict[str, list[str]], seed: int = 0, device: torch.
     journal = out / "scenes.jsonl"
     facts: dict[str, list[dict]] = {}
     if pngs and (out / "scenes.json").is_file():
-        try:
-            facts.update(json.loads((out / "scenes.json").read_text()))
-        except json.JSONDecodeError:
-            pass
+        with contextlib.suppress(DataError):
+            facts.update(read_json(out / "scenes.json"))
     if pngs and journal.is_file():
         for line in journal.read_text().splitlines():
             try:
                 facts.update(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
+            except (ValueError, RecursionError):  # a line cut short by a kill
                 continue
     # a render may add to a dataset only if it drew it with the very same settings, and keeps
     # every image that dataset lists
@@ -124,10 +123,7 @@ def _added_to(out: Path, spec: dict[str, list[str]], manifest: str, pngs: bool) 
     if before != manifest:
         raise DataError(f"--out {out} holds images of another render (another seed, scene settings or renderer "
                         "version): render into a new folder, or give the same --seed to add to it")
-    try:
-        old = json.loads(listed.read_text())
-    except (OSError, ValueError):
-        raise DataError(f"{listed} is unreadable or not JSON: render into a new folder") from None
+    old = read_json(listed, hint=": render into a new folder")
     clash = next((n for n in spec if n in old and old[n] != spec[n]), None)
     if clash is not None:
         raise DataError(f"--out {out} lists {clash} with other objects ({', '.join(old[clash])}): give the new "
