@@ -318,8 +318,8 @@ def test_no_output_lands_in_the_install_or_inside_the_model_it_reads(runner, tmp
     inner = model_dir / "snapshots" / "step-2"
     save_artifact(build_model(cfg.model).eval(), cfg, inner, {"max_objects": 3})
     before = snapshot(model_dir)
-    expect(runner, ["export", model_dir, "--out", inner], 2, f"--out {inner} lies inside {model_dir}, the model "
-           "this command reads")
+    expect(runner, ["export", model_dir, "--out", inner], 2, f"--out {inner} lies inside {model_dir.resolve()}/"
+           "snapshots, which this command reads")
     with pytest.raises(UsageError, match="lies inside"):
         pipe.save_pretrained(inner)
     assert snapshot(model_dir) == before
