@@ -358,7 +358,7 @@ def test_a_smaller_evaluation_over_a_larger_one_leaves_only_its_own_images(runne
 def test_an_export_stopped_at_its_first_file_is_rerun_as_its_message_says(runner, tmp_path, model_dir, monkeypatch):
     """The record is written after the weights: a stop before the UNet leaves no lone
     training_data.json, which no command could claim."""
-    import clevrgen.artifact as artifact
+    from clevrgen import artifact
 
     def stopped(write, target):
         raise KeyboardInterrupt
