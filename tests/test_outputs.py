@@ -318,8 +318,8 @@ def test_no_output_lands_in_the_install_or_inside_the_model_it_reads(runner, tmp
     inner = model_dir / "snapshots" / "step-2"
     save_artifact(build_model(cfg.model).eval(), cfg, inner, {"max_objects": 3})
     before = snapshot(model_dir)
-    expect(runner, ["export", model_dir, "--out", inner], 2, f"--out {inner} lies inside {model_dir}, the model "
-           "this command reads")
+    expect(runner, ["export", model_dir, "--out", inner], 2, f"--out {inner} lies inside {model_dir.resolve()}/"
+           "snapshots, which this command reads")
     with pytest.raises(UsageError, match="lies inside"):
         pipe.save_pretrained(inner)
     assert snapshot(model_dir) == before
@@ -358,7 +358,7 @@ def test_a_smaller_evaluation_over_a_larger_one_leaves_only_its_own_images(runne
 def test_an_export_stopped_at_its_first_file_is_rerun_as_its_message_says(runner, tmp_path, model_dir, monkeypatch):
     """The record is written after the weights: a stop before the UNet leaves no lone
     training_data.json, which no command could claim."""
-    import clevrgen.artifact as artifact
+    from clevrgen import artifact
 
     def stopped(write, target):
         raise KeyboardInterrupt

@@ -104,7 +104,7 @@ def test_the_starting_noise_is_drawn_on_the_generators_device(pipe, monkeypatch)
         asked.append(device)
         return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
 
-    class CudaGenerator:
+    class CudaGenerator(torch.Generator):  # a generator (the pipeline takes no other) reporting a GPU
         device = torch.device("cuda", 0)
 
     monkeypatch.setattr(pipeline, "randn_tensor", randn_tensor)
@@ -187,6 +187,16 @@ def test_torch_dtype_and_to(tiny_model, tmp_path):
     assert half(SCENES[0], seed=0, output_type="pt").images.isfinite().all()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "fp16", torch.int8, 16])
+def test_torch_dtype_that_is_no_floating_dtype_is_refused(tiny_model, tmp_path, dtype):
+    from clevrgen.errors import UsageError
+
+    model, cfg = tiny_model
+    save_artifact(model, cfg, tmp_path / "run")
+    with pytest.raises(UsageError, match=f"torch_dtype {dtype!r}: give a floating torch dtype"):
+        ClevrgenPipeline.from_pretrained(tmp_path / "run", torch_dtype=dtype)
+
+
 def test_the_shipped_model_loads_with_no_argument():
     pipe = ClevrgenPipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
@@ -209,6 +219,14 @@ def test_the_shipped_model_loads_with_no_argument():
     ({"scenes": None, "labels": torch.full((1, 24), float("nan"))}, "every entry 0 or 1"),
     ({"latents": torch.full((1, 3, 64, 64), float("nan"))}, "latents hold NaN"),
     ({"latents": torch.zeros(1, 3, 32, 32)}, "latents [1, 3, 32, 32]: this model draws from noise [1, 3, 64, 64]"),
+    ({"scenes": None, "labels": torch.full((1, 24), 2)}, "every entry 0 or 1"),
+    ({"scenes": None, "labels": -torch.ones(1, 24, dtype=torch.int64)}, "every entry 0 or 1"),
+    ({"seed": None, "generator": [object()]}, "generator object: give a torch.Generator"),
+    ({"seed": None, "generator": "0"}, "generator str: give a torch.Generator"),
+    ({"callback_on_step_end": lambda p, i, t, kw: {**kw, "latents": kw["latents"][..., :8]}},
+     "callback_on_step_end returned latents [1, 3, 64, 8] at step 0: they must keep the shape they were given, [1, 3, 64, 64]"),
+    ({"callback_on_step_end": lambda p, i, t, kw: {**kw, "latents": kw["latents"] * float("nan")}},
+     "callback_on_step_end returned latents holding NaN or infinite values at step 0"),
 ])
 def test_the_pipeline_refuses_bad_arguments_with_clevrgens_error(pipe, kwargs, message):
     from clevrgen.errors import UsageError

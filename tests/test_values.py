@@ -459,3 +459,19 @@ def test_resuming_power_emas_as_a_classic_ema_says_why(runner, dataset, tmp_path
            "the checkpoint holds power EMAs (train.ema_sigma_rels = [0.05, 0.1]) but the config asks for a classic EMA",
            "train.init=RUN")
     assert (run / "state.pt").read_bytes() == state
+
+
+@pytest.mark.parametrize("folders, message", [
+    (["step-000002/ema-0.050", "step-000002/ema-nan"], "step-000002/ema-nan: not a snapshot clevrgen writes"),
+    (["step-000002/ema-0.050", "step-000002/ema-0.500"], "step-000002/ema-0.500: not a snapshot clevrgen writes"),
+    (["step-000000/ema-0.050"], "step-000000/ema-0.050: not a snapshot clevrgen writes"),
+    (["step-000002/ema-0.050", "step-2/ema-0.050"],
+     ("step-000002/ema-0.050 and {run}/snapshots/step-2/ema-0.050 are both the snapshot of step 2 at sigma_rel 0.05")),
+])
+def test_damaged_snapshot_folders_are_named(runner, tmp_path, model_dir, folders, message):
+    """An `ema-nan` folder or a duplicated step ended in numpy's ValueError or LinAlgError."""
+    for name in folders:
+        (model_dir / "snapshots" / name).mkdir(parents=True)
+    expect(runner, ["export", model_dir, "--out", tmp_path / "exp", "--ema-sigma-rel", "0.08"], 1,
+           message.format(run=model_dir), "the run folder is damaged")
+    assert not (tmp_path / "exp").exists()

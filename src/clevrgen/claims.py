@@ -15,8 +15,8 @@ from pathlib import Path
 
 from clevrgen.errors import ClevrgenError, UsageError, warn
 from clevrgen.filenames import (CONFIG_FILE, DATA_FILE, LABEL_ENCODER_DIR, LABEL_PROJ_FILE, LOCK_FILE, METRICS_FILE,
-                                MODEL_INDEX, PASSES_DIR, SCHEDULER_DIR, STATE_FILE, STUB_MODULE, TENSORBOARD_DIR,
-                                UNET_DIR)
+                                MODEL_INDEX, PASSES_DIR, SCHEDULER_DIR, SNAPSHOTS_DIR, STATE_FILE, STUB_MODULE,
+                                TENSORBOARD_DIR, UNET_DIR)
 from clevrgen.integrity import ASSETS
 from clevrgen.output import output_file
 
@@ -74,11 +74,16 @@ def inside_the_install(path: Path) -> str | None:
             "write somewhere else")
 
 
-def lies_inside(folder: Path, source: Path | None) -> bool:
-    """Whether ``folder`` is the folder ``source`` or lies inside it."""
+def read_part(folder: Path, source: Path | None) -> Path | None:
+    """What of the model folder ``source`` a command reads that ``folder`` is or lies in: the
+    folder itself, or its snapshots (``export --ema-sigma-rel`` reads them again later); None
+    for anything else (``RUN/posthoc/``, where the post-hoc sweep writes, is free)."""
     if source is None:
-        return False
-    return folder.resolve().is_relative_to(Path(source).resolve())
+        return None
+    source, target = Path(source).resolve(), folder.resolve()
+    if target == source:
+        return source
+    return next((part for part in (source / SNAPSHOTS_DIR,) if target.is_relative_to(part)), None)
 
 
 def broken_link(path: Path) -> Path | None:
@@ -203,13 +208,13 @@ def claim_folder(folder: Path | str, kind: str, option: str = "--out", source: P
     """The one rule for an output folder: a new or empty folder, or this command's own earlier
     output of the same ``kind``, may be written; anything else (a dataset, a training run, an
     export, an evaluation, a folder of other files) is refused in one line saying what is there,
-    before any work. Nor may it be, or lie inside, the ``source`` folder the command reads (a
-    run's snapshot is read again by a later ``export --ema-sigma-rel``)."""
+    before any work. Nor may it be the ``source`` folder the command reads, or lie in the part of
+    it read again later (:func:`read_part`)."""
     folder = Path(folder)
     check_writable(folder, folder=True)
-    if lies_inside(folder, source):
-        where = "is the run itself" if folder.resolve() == Path(source).resolve() else f"lies inside {source}"
-        raise UsageError(f"{option} {folder} {where}, the model this command reads: choose another {option}")
+    if (part := read_part(folder, source)) is not None:
+        where = "is the run itself" if part == Path(source).resolve() else f"lies inside {part}"
+        raise UsageError(f"{option} {folder} {where}, which this command reads: choose another {option}")
     if not folder.is_dir():
         return
     found = folder_kind(folder)

@@ -137,15 +137,28 @@ def sigma_rel_of_decay(decay: float, steps: int) -> float:
 
 
 def power_snapshots(run_dir) -> list[tuple[int, float, "object"]]:
-    """(step, sigma_rel, folder) of every power-EMA snapshot of a run (``snapshots/step-N/ema-S``)."""
+    """(step, sigma_rel, folder) of every power-EMA snapshot of a run (``snapshots/step-N/ema-S``).
+    A folder whose name is no step or length clevrgen writes (``ema-nan``, ``ema-0.5``, ``step-0``),
+    or a second folder of one step and length (``step-4`` beside ``step-000004``), is named in one
+    CheckpointError: the synthesis would fail on it in numpy's terms."""
     from pathlib import Path
 
-    found = []
+    from clevrgen.errors import CheckpointError
+
+    found, seen = [], {}
     for folder in sorted(Path(run_dir).glob("snapshots/step-*/ema-*")):
         try:
-            found.append((int(folder.parent.name.removeprefix("step-")), float(folder.name.removeprefix("ema-")), folder))
+            step, sigma_rel = int(folder.parent.name.removeprefix("step-")), float(folder.name.removeprefix("ema-"))
         except ValueError:
             continue
+        if step < 1 or not 0 < sigma_rel < 0.28:  # train.ema_sigma_rels' range (nan fails it too)
+            raise CheckpointError(f"{folder}: not a snapshot clevrgen writes (a step from 1 and a length sigma_rel in "
+                                  "(0, 0.28)); the run folder is damaged: remove or rename it")
+        if (key := (step, round(sigma_rel, 3))) in seen:
+            raise CheckpointError(f"{seen[key]} and {folder} are both the snapshot of step {step} at sigma_rel "
+                                  f"{sigma_rel:g}; the run folder is damaged: remove one of them")
+        seen[key] = folder
+        found.append((step, sigma_rel, folder))
     return found
 
 

@@ -30,7 +30,7 @@ from clevrgen.errors import warn
 from clevrgen.labels import multi_hot
 from clevrgen.model import LabelConditionedUNet, LabelEncoder
 from clevrgen.pipeline_inputs import (
-    Scenes, StepEndCallback, check_call, check_image, check_memory, generators_of, noise_device,
+    Scenes, StepEndCallback, check_call, check_image, check_memory, checked_dtype, generators_of, noise_device,
 )
 from clevrgen.record import training_data_of
 from clevrgen.runtime import autocast, autocast_dtype
@@ -88,7 +88,7 @@ class ClevrgenPipeline(DiffusionPipeline):
         """Load a pipeline: with no argument the shipped model, else a run folder, an export, or a
         folder written by :meth:`save_pretrained` (all local; nothing is downloaded).
         ``torch_dtype`` casts the weights as in any diffusers pipeline."""
-        torch_dtype = kwargs.pop("torch_dtype", None)
+        torch_dtype = checked_dtype(kwargs.pop("torch_dtype", None))
         path = pretrained_model_name_or_path
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")

@@ -50,7 +50,7 @@ def check_call(pipe, scenes, steps, guidance, seed, output_type, callback, label
         raise UsageError(f"labels {shape}: give multi-hot labels [N, {NUM_CLASSES}] (clevrgen.labels.multi_hot)")
     if len(labels) == 0:
         raise UsageError("nothing to draw: give at least one scene")
-    if labels.is_floating_point() and not bool(((labels >= 0) & (labels <= 1)).all()):
+    if labels.is_complex() or not bool(((labels >= 0) & (labels <= 1)).all()):  # integer labels too: 2 is no label
         raise UsageError("labels must be multi-hot: every entry 0 or 1 (none NaN)")
     if latents is not None:
         shape = (len(labels), 3, pipe.image_size, pipe.image_size)
@@ -132,6 +132,9 @@ def generators_of(n: int, generator, seed):
         return [torch.Generator().manual_seed(s) for s in seeds], [torch.Generator().manual_seed(s) for s in seeds]
     if isinstance(generator, list) and len(generator) != n:
         raise UsageError(f"{len(generator)} generators for {n} images: give one, or one per image")
+    given = generator if isinstance(generator, list) else [] if generator is None else [generator]
+    if bad := next((g for g in given if not isinstance(g, torch.Generator)), None):
+        raise UsageError(f"generator {type(bad).__name__}: give a torch.Generator, or a list of one per image (or seed=)")
     return generator, generator
 
 
@@ -157,16 +160,35 @@ def checked_number(name: str, value, low, high, integer: bool = False, why: str 
 
 
 def checked_callback(callback: StepEndCallback) -> StepEndCallback:
-    """``callback``, refusing a return that is not the dict of tensors it was given (or None)."""
+    """``callback``, refusing a return that is not the dict of tensors it was given (or None), or
+    whose latents are of another shape or not finite: the next step would fail in torch's terms,
+    or draw NaN images."""
     def checked(pipe, i, t, kwargs):
+        shape = tuple(kwargs["latents"].shape)
         result = callback(pipe, i, t, kwargs)
         if result is not None and not (isinstance(result, dict) and isinstance(result.get("latents", kwargs["latents"]),
                                                                                torch.Tensor)):
             raise UsageError(f"callback_on_step_end returned {type(result).__name__}: it must return the dict it was "
                              "given (its 'latents' a tensor), or None")
+        latents = kwargs["latents"] if result is None else result.get("latents", kwargs["latents"])
+        if tuple(latents.shape) != shape:
+            raise UsageError(f"callback_on_step_end returned latents {list(latents.shape)} at step {i}: they must keep "
+                             f"the shape they were given, {list(shape)}")
+        if not bool(torch.isfinite(latents).all()):
+            raise UsageError(f"callback_on_step_end returned latents holding NaN or infinite values at step {i}: "
+                             "return finite latents")
         return result
 
     return checked
+
+
+def checked_dtype(torch_dtype):
+    """``from_pretrained``'s ``torch_dtype``: a floating torch dtype (or None), else a UsageError
+    (a string such as "float16" would reach torch as a device name)."""
+    if torch_dtype is None or (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        return torch_dtype
+    raise UsageError(f"torch_dtype {torch_dtype!r}: give a floating torch dtype, e.g. torch.float16, torch.bfloat16 "
+                     "or torch.float32")
 
 
 def check_sample_steps(config) -> None:
