@@ -14,6 +14,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,17 @@ def page_settings(model: "LoadedModel", **given: float | int | None) -> "SampleC
     return config.sample
 
 
+@contextmanager
+def said_warnings():
+    """Collects the messages of clevrgen's warnings raised inside (the page shows them) into the
+    list it yields."""
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClevrgenWarning)
+        yield said
+    said.extend(str(w.message) for w in caught if issubclass(w.category, ClevrgenWarning))
+
+
 # --- drawing: the pipeline's one call --------------------------------------------------------------
 @dataclass
 class Drawing:
@@ -97,10 +109,8 @@ def draw(model: "LoadedModel", scene: Sequence[str], sample: "SampleConfig", fra
     from clevrgen.callbacks import DenoisingStrip, StepProgress
 
     pipe, s = model.pipe, sample
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ClevrgenWarning)
+    with said_warnings() as said:
         labels = pipe.encode_scenes([list(scene)])
-    said = [str(w.message) for w in caught if issubclass(w.category, ClevrgenWarning)]
     start = time.perf_counter()
     strip = DenoisingStrip(s.steps, min(frames, s.steps + 1), pipe.prepare_latents(1, seed=s.seed))
     progress = StepProgress(s.num * s.steps, enabled=False, on_step=on_step, should_stop=should_stop)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import html
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clevrgen.demo import (HOST, MAX_OBJECTS, PAGE_LIMITS, add_to_scene, draw, judge_readings, page_scene,
-                           page_settings, reading_table, typed_phrases)
-from clevrgen.errors import ClevrgenError, ClevrgenWarning, UsageError
+                           page_settings, reading_table, said_warnings, typed_phrases)
+from clevrgen.errors import ClevrgenError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -163,8 +162,7 @@ def build_demo(model: "LoadedModel", judge_path: Path | None = None, editor_path
                 raise UsageError(f"no editor to add with: {no_editor}")
             if picture is None:
                 raise UsageError("no scene to add to: upload an image, or take the last drawn one")
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ClevrgenWarning)
+            with said_warnings() as said:
                 source = scene_tensor(picture, "the scene")
             sample = page_settings(editor, seed=seed, steps=steps, guidance=guidance, image_guidance=image_guidance)
             present = page_scene(has) if typed_phrases(has) else []
@@ -175,7 +173,6 @@ def build_demo(model: "LoadedModel", judge_path: Path | None = None, editor_path
                                     should_stop=drawings.should_stop(request and request.session_hash))
         except (ClevrgenError, SamplingStopped) as exc:
             raise page_error(exc) from None
-        said = [str(w.message) for w in caught if issubclass(w.category, ClevrgenWarning)]
         for message in said:
             gr.Warning(message)
         read = (f"The shipped judge read in the scene: {', '.join(done.before)} (not right? type the scene's "
@@ -223,8 +220,8 @@ def build_demo(model: "LoadedModel", judge_path: Path | None = None, editor_path
                                          elem_id="num")
                         seed = gr.Number(s.seed, label="Seed", precision=0, info="image i: seed + i", elem_id="seed")
                     with gr.Row():
-                        steps = gr.Number(s.steps, label="Steps", precision=0, info=_range("steps", min(most_steps, PAGE_LIMITS["steps"])),
-                                          elem_id="steps")
+                        steps = gr.Number(s.steps, label="Steps", precision=0, elem_id="steps",
+                                          info=_range("steps", min(most_steps, PAGE_LIMITS["steps"])))
                         guidance = gr.Number(s.guidance, label="Guidance", info=_range("guidance"), elem_id="guidance")
                     show_judge = gr.Checkbox(False, label="Show the shipped judge's reading of each image",
                                              elem_id="judge")
