@@ -41,7 +41,7 @@ def edit(
 ) -> None:
     from clevrgen.editing import check_addition, resolve_editor
     from clevrgen.errors import UsageError
-    from clevrgen.labels import parse_phrases
+    from clevrgen.labels import parse_phrase, parse_phrases
     from clevrgen.claims import claim_file
 
     items = list(items or [])
@@ -56,6 +56,8 @@ def edit(
             raise UsageError("give one scene image to edit (or --sequence and the objects to place)")
         if not add:
             raise UsageError("say what to add: --add \"red sphere\"")
+        for phrase in add:  # a bad phrase fails before the editor and the judge load
+            parse_phrase(phrase)
         if has:
             parse_phrases(has)
     claim_file(out, "image", "--out")
