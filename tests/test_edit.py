@@ -74,6 +74,72 @@ def test_the_conditioning_dropout_drops_label_source_or_both_in_its_shares():
     assert torch.equal(x0, torch.ones_like(x0))
 
 
+def test_extra_pairs_take_the_first_rows_of_each_batch():
+    from clevrgen.data.pairs import draw_edit_batch
+
+    images = torch.tensor([0, 0, 255, 255], dtype=torch.uint8)[:, None, None, None].expand(4, 3, 4, 4)
+    labels = torch.eye(4, 24)
+    x0, drawn, _ = draw_edit_batch(images, labels, torch.tensor([[0, 1]]), 32, torch.Generator().manual_seed(0),
+                                   0.0, 0.0, 0.0, extra=torch.tensor([[2, 3]]), extra_rows=8)
+    assert (x0[:8] == 1).all() and (x0[8:] == -1).all()  # 8 rendered targets, then 24 real ones
+    assert torch.equal(drawn[:8], labels[[3] * 8]) and torch.equal(drawn[8:], labels[[1] * 24])
+
+
+def test_an_editor_mixes_a_second_datasets_pairs_and_keeps_the_real_held_out_scenes(dataset, tmp_path):
+    from conftest import write_dataset
+
+    from clevrgen.data.batches import place_data
+    from clevrgen.data.iclevr import load_iclevr
+
+    extra_root = write_dataset(tmp_path / "rendered", scenes=3, seed=5)
+    data = load_iclevr(dataset, progress=False)
+    plain = place_data(data, _config(["train.batch_size=4"]), torch.device("cpu"))
+    mixed = place_data(data, _config(["train.batch_size=4", f"data.extra_pairs='{extra_root}'", "data.extra_share=0.25"]),
+                       torch.device("cpu"))
+    assert mixed.val_set.names == plain.val_set.names  # the held-out real scenes do not move
+    assert torch.equal(mixed.pairs, plain.pairs)
+    assert len(mixed.extra_pairs) == 3 * 2 and mixed.record["extra_pairs"] == 6
+    assert (mixed.extra_pairs >= len(plain.images)).all()  # rows of the second dataset's images
+    assert "25% of each batch from the pairs in" in mixed.record["data"]
+    x0, labels, inputs = mixed.draw(_config(["train.batch_size=4", f"data.extra_pairs='{extra_root}'",
+                                             "data.extra_share=0.25"]), torch.Generator().manual_seed(0), 0)
+    assert x0.shape == inputs["source"].shape == (4, 3, 64, 64)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["data.extra_share=0.25"], "go together"),
+    (["data.extra_pairs='somewhere'"], "go together"),
+    (["data.extra_pairs='somewhere'", "data.extra_share=0.25", "model.source_image=false"], "only an editor"),
+])
+def test_extra_pairs_need_their_share_and_an_editor(settings, message):
+    from clevrgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _config(settings)
+
+
+def test_a_folder_with_no_sequences_is_refused_as_extra_pairs(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from clevrgen.data.batches import place_data
+    from clevrgen.data.iclevr import load_iclevr
+    from clevrgen.errors import UsageError
+    from conftest import write_dataset
+
+    real = load_iclevr(write_dataset(tmp_path / "real"), progress=False)
+    lone = tmp_path / "lone"
+    (lone / "iclevr").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(lone / "iclevr" / "one.png")
+    (lone / "train.json").write_text(json.dumps({"one.png": ["red sphere"]}))
+    (lone / "objects.json").write_text((tmp_path / "real" / "objects.json").read_text())
+    cfg = _config(["train.batch_size=4", f"data.extra_pairs='{lone}'", "data.extra_share=0.25",
+                   f"data.cache_dir='{tmp_path / 'cache'}'"])
+    with pytest.raises(UsageError, match="no image sequences"):
+        place_data(real, cfg, torch.device("cpu"))
+
+
 def test_an_editors_dropout_shares_may_not_add_up_past_one():
     from clevrgen.errors import ConfigError
 

@@ -118,7 +118,8 @@ class Trainer:
         from clevrgen.pipeline_inputs import check_sample_steps
 
         check_sample_steps(cfg)  # the sample grids and accuracy checks draw with sample.steps
-        self.data = place_data(data, cfg, self.device, self.dist.rank, self.dist.world_size)
+        self.data = place_data(data, cfg, self.device, self.dist.rank, self.dist.world_size,
+                               progress=progress and self.dist.is_main)
         self.training_data = dict(self.data.record)  # the artifact's record: the data, where the weights came from
         torch.manual_seed(cfg.train.seed)
         if self.dist.is_main:

@@ -36,14 +36,21 @@ def edit_pairs(data: ImageSet) -> torch.Tensor:
 
 def draw_edit_batch(images: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor, batch_size: int,
                     gen: torch.Generator, label_dropout: float, source_dropout: float, joint_dropout: float,
-                    hflip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    hflip: bool = False, extra: torch.Tensor | None = None,
+                    extra_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A random batch of pairs on the device: (targets, their labels, sources), images in
-    [-1, 1]. One draw u per row decides what it drops (InstructPix2Pix's conditioning dropout):
-    u < label_dropout the label alone, then joint_dropout both, then source_dropout the source
-    alone; a dropped label is the empty one, a dropped source the empty (zero) image."""
+    [-1, 1]. The first ``extra_rows`` rows come from the ``extra`` pairs (another dataset's, e.g.
+    rendered 3 -> 4 and 4 -> 5 pairs), the rest from ``pairs``. One draw u per row decides what it
+    drops (InstructPix2Pix's conditioning dropout): u < label_dropout the label alone, then
+    joint_dropout both, then source_dropout the source alone; a dropped label is the empty one, a
+    dropped source the empty (zero) image."""
     device = images.device
     index = torch.randint(len(pairs), (batch_size,), generator=gen, device=device)
-    source_index, target_index = pairs[index].unbind(1)
+    rows = pairs[index]
+    if extra is not None and extra_rows:
+        pick = torch.randint(len(extra), (extra_rows,), generator=gen, device=device)
+        rows = torch.cat([extra[pick], rows[extra_rows:]])
+    source_index, target_index = rows.unbind(1)
     x0, source = to_float(images[target_index]), to_float(images[source_index])
     if hflip:  # the same flip for both images of a pair
         flip = (torch.rand(batch_size, generator=gen, device=device) < 0.5)[:, None, None, None]
