@@ -251,7 +251,7 @@ def test_a_power_ema_run_keeps_snapshots_and_exports_any_length(runner, dataset,
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "posthoc_ema.py"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "r"), "--sigma-rels", "0.05", "0.12",
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "r"), "--sigma-rels", "0.12",
                            "--passes", "1"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "| 0.120 | 7 |" in done.stdout and (tmp_path / "r" / "posthoc" / "ema-0.120-step-last").is_dir()

@@ -78,18 +78,15 @@ class DataConfig(Section):
     fresh_objects: ObjectRange = (1, 3)
     """(MIN, MAX) objects of a fresh scene, each count equally likely (i-CLEVR: 1-3)."""
     extra_pairs: Path | None = None
-    """An editor's second source of pairs: a folder in the i-CLEVR layout whose sequences
-    (``<scene>_<k>.png`` -> ``_<k+1>``) are mixed into every batch, e.g. rendered 3 -> 4 and 4 -> 5
-    pairs (``clevrgen data render --random N --objects 3-5``), which the real data does not have.
-    All of it trains; the held-out pairs stay those of ``path``."""
+    """An editor's second folder of sequences, all trained on (``clevrgen data render --objects 3-5``)."""
     extra_share: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of every editor batch drawn from ``extra_pairs`` (0: off)."""
 
     @model_validator(mode="after")
     def _extra_pairs(self) -> "DataConfig":
         if (self.extra_pairs is None) != (self.extra_share == 0):
-            raise ValueError("data.extra_pairs and data.extra_share go together: a folder of pairs and the share "
-                             "of each batch drawn from it (or neither)")
+            raise ValueError("data.extra_pairs and data.extra_share go together (a folder of pairs, the share of "
+                             "each batch drawn from it) or not at all")
         return self
 
 
@@ -307,11 +304,10 @@ class Config(Section):
     judge: JudgeConfig = JudgeConfig()
 
     @model_validator(mode="after")
-    def _editor_dropout(self) -> "Config":
+    def _editor_settings(self) -> "Config":
         t = self.train
         if self.data.extra_pairs is not None and not self.model.source_image:
-            raise ValueError("data.extra_pairs: only an editor (model.source_image) trains on pairs; a generator "
-                             "mixes in rendered scenes with data.fresh")
+            raise ValueError("data.extra_pairs: only an editor trains on pairs (a generator: data.fresh)")
         if self.model.source_image and t.label_dropout + t.source_dropout + t.joint_dropout > 1:
             raise ValueError("train.label_dropout + source_dropout + joint_dropout are the shares of an editor's "
                              "batch that drop the label, the source or both: together at most 1")

@@ -43,6 +43,17 @@ def read_state(run_dir: Path) -> dict:
     return torch.load(input_file(run_dir / STATE_FILE), map_location="cpu", weights_only=True)
 
 
+def require_checkpoint(run_dir: Path) -> Path:
+    """The run's checkpoint file, or the error a resume of a folder without one gives (checked
+    before the data loads, so that a wrong folder fails at once)."""
+    from clevrgen.errors import CheckpointError
+
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} not found (is {run_dir} a training run?)")
+    return path
+
+
 OBJECTIVE = ("prediction_type", "num_train_timesteps", "beta_schedule")
 """What the network learns to predict and on which noise schedule: a resume may not change them."""
 

@@ -39,7 +39,7 @@ from clevrgen.optim import load_optimizer_state, make_optimizer, warn_about_lr_p
 from clevrgen.output import WriteError, append_jsonl, atomic_write_text
 from clevrgen.runfolder import (
     METRICS_FILE, SNAPSHOTS_DIR, STATE_FILE, LossWindow, RunLog, check_same_objective, checkpoint_note,
-    drop_metrics_after, read_state, write_state,
+    drop_metrics_after, read_state, require_checkpoint, write_state,
 )
 from clevrgen.runtime import (SIGNAL_NAMES, Distributed, StopVote, autocast_dtype, deferred_stop, grad_scaler,
                               init_distributed, resolve_device)
@@ -350,9 +350,7 @@ class Trainer:
                           f"so batches are drawn afresh from step {self.step}")
 
     def load_checkpoint(self) -> None:
-        path = self.run_dir / STATE_FILE
-        if not path.is_file():
-            raise CheckpointError(f"cannot resume: {path} not found (is {self.run_dir} a training run?)")
+        path = require_checkpoint(self.run_dir)
         try:
             self.load_state_dict(read_state(self.run_dir))
         except Exception as exc:

@@ -56,7 +56,13 @@ def train(
     from clevrgen.locks import run_lock
 
     # an unwritable or occupied --out, or a missing GPU, fails before any work
-    claim_folder(run_dir, "run") if resume is None else check_writable(run_dir, folder=True)
+    if resume is None:
+        claim_folder(run_dir, "run")
+    else:
+        from clevrgen.runfolder import require_checkpoint
+
+        check_writable(run_dir, folder=True)
+        require_checkpoint(run_dir)
     resolve_device(cfg.train.device)
     if cfg.train.tensorboard:
         from clevrgen.runfolder import require_tensorboard
