@@ -56,19 +56,17 @@ def train(
     from clevrgen.locks import run_lock
 
     # an unwritable or occupied --out, or a missing GPU, fails before any work
-    if resume is None:
-        claim_folder(run_dir, "run")
-    else:
-        from clevrgen.runfolder import require_checkpoint
-
-        check_writable(run_dir, folder=True)
-        require_checkpoint(run_dir)
+    claim_folder(run_dir, "run") if resume is None else check_writable(run_dir, folder=True)
     resolve_device(cfg.train.device)
     if cfg.train.tensorboard:
         from clevrgen.runfolder import require_tensorboard
 
         require_tensorboard()
     with run_lock(run_dir, enabled=is_rank_zero()):  # a second writer of run_dir fails here, at once
+        if resume is not None:  # a folder with no checkpoint fails before the data loads
+            from clevrgen.runfolder import require_checkpoint
+
+            require_checkpoint(run_dir)
         data = load_dataset(cfg.data)
         result = run_training(cfg, run_dir, data, resume=resume is not None)
     if not result.is_main:  # under torchrun, rank 0 speaks for the job
