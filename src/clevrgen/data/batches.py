@@ -111,8 +111,8 @@ def place_data(data: ImageSet, cfg: Config, device: torch.device, rank: int = 0,
         # every image of the training scenes is some pair's source or target: all stay on each rank
         images, labels = train_set.images, train_set.labels
         if cfg.data.extra_pairs is not None:  # all of it trains: the held-out pairs are the real ones
-            extra = _extra_pairs(cfg.data, progress)
-            extra_pairs = (edit_pairs(extra)[shard] + len(images)).to(device)
+            extra, extra_pairs = _extra_pairs(cfg.data, progress)
+            extra_pairs = (extra_pairs[shard] + len(images)).to(device)
             images, labels = torch.cat([images, extra.images]), torch.cat([labels, extra.labels])
             seen = labels
     else:
@@ -134,12 +134,14 @@ def place_data(data: ImageSet, cfg: Config, device: torch.device, rank: int = 0,
                         pairs, fresh, record, extra_pairs)
 
 
-def _extra_pairs(cfg: DataConfig, progress: bool) -> ImageSet:
-    """``data.extra_pairs`` read through the cache; refused if it holds no pair."""
+def _extra_pairs(cfg: DataConfig, progress: bool) -> tuple[ImageSet, torch.Tensor]:
+    """``data.extra_pairs`` read through the cache, with its (source, target) rows; refused if it
+    holds no pair."""
     from clevrgen.data.iclevr import load_iclevr
 
     extra = load_iclevr(cfg.extra_pairs, cache_dir=cfg.cache_dir, progress=progress)
-    if not len(edit_pairs(extra)):
+    pairs = edit_pairs(extra)
+    if not len(pairs):
         raise UsageError(f"data.extra_pairs: {cfg.extra_pairs} has no image sequences (<scene>_<k>.png -> "
                          "<scene>_<k+1>.png): render some with clevrgen data render --random N --objects 3-5")
-    return extra
+    return extra, pairs
